@@ -1,0 +1,160 @@
+"""Typed, validated configuration.
+
+Every config is a frozen dataclass. ``from_dict`` rejects unknown keys and
+wrong types with a one-line :class:`~ptycho_ml.errors.PtychoInputError`;
+``to_dict`` gives a JSON-safe dict (used for MLflow params and the bundle).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+from .errors import PtychoInputError
+
+T = TypeVar("T")
+
+
+def _check_type(cls_name: str, name: str, value: Any, annotation: Any) -> Any:
+    """Check (and gently coerce int->float) one field value against its annotation."""
+    origin = get_origin(annotation)
+    args = get_args(annotation)
+    where = f"{cls_name}.{name}"
+    if origin is Literal:
+        if value not in args:
+            raise PtychoInputError(f"config: {where}: found {value!r}, expected one of {list(args)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_type(cls_name, name, value, inner[0])
+    if origin in (tuple,):
+        if not isinstance(value, (list, tuple)):
+            raise PtychoInputError(f"config: {where}: found {value!r}, expected a list")
+        elem = args[0] if args else Any
+        return tuple(_check_type(cls_name, name, v, elem) for v in value)
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise PtychoInputError(f"config: {where}: found {value!r}, expected a number")
+        return float(value)
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise PtychoInputError(f"config: {where}: found {value!r}, expected an integer")
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise PtychoInputError(f"config: {where}: found {value!r}, expected true/false")
+        return value
+    if annotation is str:
+        if not isinstance(value, str):
+            raise PtychoInputError(f"config: {where}: found {value!r}, expected a string")
+        return value
+    return value
+
+
+class ConfigBase:
+    """Mixin: strict ``from_dict``/``to_dict`` and a ``validate`` hook."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                continue
+            object.__setattr__(self, f.name, _check_type(type(self).__name__, f.name, value, hints[f.name]))
+        self.validate()
+
+    def validate(self) -> None:  # pragma: no cover - overridden where needed
+        """Raise PtychoInputError on values that are individually typed right but wrong."""
+
+    @classmethod
+    def from_dict(cls: type[T], data: dict[str, Any] | None) -> T:
+        data = dict(data or {})
+        known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise PtychoInputError(
+                f"config: {cls.__name__}: unknown key(s) {unknown}, expected some of {sorted(known)}"
+            )
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for name, value in data.items():
+            sub = hints[name]
+            if isinstance(sub, type) and dataclasses.is_dataclass(sub) and isinstance(value, dict):
+                value = sub.from_dict(value)  # type: ignore[attr-defined]
+            kwargs[name] = value
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)  # type: ignore[call-overload]
+        return json.loads(json.dumps(out))  # tuples -> lists, JSON-safe
+
+    def replace(self: T, **changes: Any) -> T:
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
+def _positive(cls: str, name: str, value: float) -> None:
+    if not value > 0:
+        raise PtychoInputError(f"config: {cls}.{name}: found {value!r}, expected a positive value")
+
+
+@dataclass(frozen=True)
+class SimulationConfig(ConfigBase):
+    """Parameters of one simulated scan (see :mod:`ptycho_ml.simulate`)."""
+
+    N: int = 64
+    object_size_px: int = 256
+    object_families: tuple[str, ...] = ("lines", "grf", "siemens")
+    amplitude_min: float = 0.3
+    phase_range_rad: float = 2.0
+    probe_kind: Literal["focused", "gaussian", "file"] = "focused"
+    probe_file: str = ""
+    aperture_radius_px: float = 8.0
+    defocus_m: float = 300e-6
+    gaussian_sigma_px: float = 7.0
+    energy_eV: float = 8800.0
+    pixel_size_m: float = 20e-9
+    scan: Literal["raster", "spiral"] = "raster"
+    step_px: float = 6.0
+    jitter_px: float = 0.5
+    nphotons: float = 1e6
+    seed: int = 0
+
+    def validate(self) -> None:
+        name = type(self).__name__
+        if self.N < 8 or self.N % 2:
+            raise PtychoInputError(f"config: {name}.N: found {self.N}, expected an even size >= 8")
+        if self.object_size_px < self.N + 2:
+            raise PtychoInputError(
+                f"config: {name}.object_size_px: found {self.object_size_px}, expected >= N + 2 = {self.N + 2}"
+            )
+        known = {"lines", "grf", "siemens"}
+        bad = [f for f in self.object_families if f not in known]
+        if bad or not self.object_families:
+            raise PtychoInputError(
+                f"config: {name}.object_families: found {list(self.object_families)}, expected a non-empty subset of {sorted(known)}"
+            )
+        if not 0 < self.amplitude_min <= 1:
+            raise PtychoInputError(f"config: {name}.amplitude_min: found {self.amplitude_min}, expected in (0, 1]")
+        for key in ("step_px", "nphotons", "energy_eV", "pixel_size_m", "aperture_radius_px", "gaussian_sigma_px"):
+            _positive(name, key, getattr(self, key))
+        if self.jitter_px < 0:
+            raise PtychoInputError(f"config: {name}.jitter_px: found {self.jitter_px}, expected >= 0")
+        if self.probe_kind == "file" and not self.probe_file:
+            raise PtychoInputError(f"config: {name}.probe_file: found '', expected a path when probe_kind='file'")
+
+
+def available_cpu_threads() -> int:
+    """Cores this process may use (affinity-aware), never more than the machine has."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)

@@ -1,0 +1,121 @@
+"""The validated scan type every reader returns and every consumer uses."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import PtychoInputError, field_error
+
+
+@dataclass
+class ScanData:
+    """One ptychographic scan.
+
+    Attributes
+    ----------
+    patterns: ``(M, N, N)`` array-like (ndarray, memmap or h5py dataset).
+        Diffraction **amplitude** when ``patterns_are_counts`` is False,
+        photon counts (converted to amplitude per batch) when True.
+    probe: ``(N, N)`` or ``(K, N, N)`` complex64.
+    positions_px: ``(M, 2)`` float64 patch centres (x = column, y = row).
+    obj_shape: ``(H, W)`` of the object canvas in pixels.
+    obj: optional ``(H, W)`` complex64 ground truth or initial guess.
+    bad_pixels: optional ``(N, N)`` bool, True where the detector pixel is bad.
+    metadata: free-form JSON-safe dict (generator parameters, geometry...).
+    source: where it came from (path or URI), for error messages and fingerprints.
+    """
+
+    patterns: Any
+    probe: np.ndarray
+    positions_px: np.ndarray
+    obj_shape: tuple[int, int]
+    obj: np.ndarray | None = None
+    bad_pixels: np.ndarray | None = None
+    metadata: dict = field(default_factory=dict)
+    source: str = "<memory>"
+    patterns_are_counts: bool = False
+    patterns_field: str = "diffraction"
+
+    def __len__(self) -> int:
+        return int(self.patterns.shape[0])
+
+    @property
+    def N(self) -> int:
+        return int(self.patterns.shape[-1])
+
+    @property
+    def good_pixels(self) -> np.ndarray | None:
+        """``(N, N)`` bool mask of usable detector pixels, or None when all are good."""
+        return None if self.bad_pixels is None else ~self.bad_pixels
+
+    def amplitude(self, indices: np.ndarray | slice) -> np.ndarray:
+        """Diffraction amplitudes of the selected patterns, ``(B, N, N) float32``.
+
+        Reads only those patterns (memory bounded by the batch) and checks them
+        for NaN/Inf/negative values, so a bad value in a huge file is still
+        reported by name even though the file was never loaded whole.
+        """
+        if isinstance(indices, slice):
+            block = np.asarray(self.patterns[indices])
+        else:
+            indices = np.asarray(indices)
+            # h5py needs increasing indices; sort, read, then undo the sort.
+            order = np.argsort(indices, kind="stable")
+            sorted_idx = indices[order]
+            block = np.empty((len(indices),) + tuple(self.patterns.shape[1:]), dtype=self.patterns.dtype)
+            block[order] = np.asarray(self.patterns[sorted_idx]) if len(sorted_idx) else block[:0]
+        block = block.astype(np.float32, copy=False)
+        check_values(block, self.source, self.patterns_field)
+        return np.sqrt(block) if self.patterns_are_counts else block
+
+    def iter_batches(self, batch_size: int) -> Iterator[tuple[slice, np.ndarray]]:
+        """Yield ``(slice, amplitude (B, N, N) float32)`` in scan order."""
+        for start in range(0, len(self), batch_size):
+            sl = slice(start, min(start + batch_size, len(self)))
+            yield sl, self.amplitude(sl)
+
+    def subset(self, indices: np.ndarray) -> "ScanData":
+        """A scan with only the given patterns (loaded into memory)."""
+        return ScanData(self.amplitude(np.sort(indices)), self.probe, self.positions_px[np.sort(indices)],
+                        self.obj_shape, self.obj, self.bad_pixels, dict(self.metadata), self.source,
+                        False, self.patterns_field)
+
+
+def check_values(block: np.ndarray, source: str, name: str) -> None:
+    """Raise the house-style error for NaN, Inf or negative values in ``block``."""
+    if block.size == 0:
+        return
+    if not np.isfinite(block).all():
+        bad = "NaN" if np.isnan(block).any() else "Inf"
+        raise field_error(source, name, f"{bad} values", "finite amplitudes")
+    if (block < 0).any():
+        raise field_error(source, name, f"negative values (min {float(block.min()):.3g})", "amplitudes >= 0")
+
+
+def derive_obj_shape(positions_px: np.ndarray, N: int) -> tuple[int, int]:
+    """Smallest object canvas ``(H, W)`` that holds every patch (plus the interpolation margin)."""
+    if len(positions_px) == 0:
+        return (N + 2, N + 2)
+    max_x, max_y = positions_px.max(axis=0)
+    return (int(np.floor(max_y + N / 2)) + 2, int(np.floor(max_x + N / 2)) + 2)
+
+
+def check_positions_inside(positions_px: np.ndarray, N: int, obj_shape: tuple[int, int], source: str) -> None:
+    """Every patch must lie inside the object; name the first offender otherwise."""
+    H, W = obj_shape
+    top_left = positions_px - N / 2
+    frac = (top_left - np.floor(top_left) > 0).astype(np.float64)
+    bottom_right = np.floor(top_left) + N - 1 + frac
+    outside = (top_left < 0).any(axis=1) | (bottom_right[:, 0] > W - 1) | (bottom_right[:, 1] > H - 1)
+    if outside.any():
+        i = int(np.argmax(outside))
+        x, y = positions_px[i]
+        raise PtychoInputError(
+            f"{source}: field 'xcoords/ycoords': found {int(outside.sum())} position(s) outside the object "
+            f"(first: index {i} at x={x:.2f}, y={y:.2f}), expected patch centres within "
+            f"[{N / 2}, {W - N / 2 - 1}] x [{N / 2}, {H - N / 2 - 1}] for a {H}x{W} object and N={N}"
+        )

@@ -1,0 +1,229 @@
+"""Pure-torch ptychographic forward model (DESIGN §2). Knows nothing of training.
+
+Conventions
+-----------
+* Positions are patch centres in object pixels, columns ``(x, y)`` with
+  x = column and y = row. The N×N patch centred at integer (y, x) spans rows
+  ``y - N/2 … y + N/2 - 1`` and columns ``x - N/2 … x + N/2 - 1``.
+* Sub-pixel positions use bilinear interpolation: exact at integer positions,
+  and :func:`insert_patches` is the exact adjoint of :func:`extract_patches`.
+* Far field: ``fftshift(fft2(exit_wave, norm="ortho"))``; amplitude is its
+  modulus; probe modes add incoherently.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# --------------------------------------------------------------------------
+# Sub-pixel patch extraction and its adjoint
+
+
+def _bilinear_indices(
+    positions_px: torch.Tensor, N: int, height: int, width: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flat indices of each patch's (N+1)×(N+1) window and the bilinear weights.
+
+    positions_px: ``(G, P, 2)`` float, (x, y) patch centres.
+    Returns ``flat_idx (G, P, N+1, N+1) int64`` (into a ``height*width`` image),
+    ``frac_y (G, P, 1, 1)`` and ``frac_x (G, P, 1, 1)`` in the positions' dtype.
+    """
+    top_left = positions_px - N / 2  # (G, P, 2) in (x, y)
+    origin = torch.floor(top_left)
+    frac = top_left - origin
+    origin = origin.to(torch.int64)
+    offs = torch.arange(N + 1, device=positions_px.device)
+    rows = (origin[..., 1, None] + offs).clamp_(0, height - 1)  # (G, P, N+1)
+    cols = (origin[..., 0, None] + offs).clamp_(0, width - 1)
+    flat_idx = rows[..., :, None] * width + cols[..., None, :]
+    return flat_idx, frac[..., 1, None, None], frac[..., 0, None, None]
+
+
+def extract_patches(obj: torch.Tensor, positions_px: torch.Tensor, N: int) -> torch.Tensor:
+    """Extract N×N patches at sub-pixel positions (bilinear interpolation).
+
+    obj: ``(H, W)`` or ``(G, H, W)`` complex (or real).
+    positions_px: ``(P, 2)`` for a single object or ``(G, P, 2)``, float (x, y).
+    Returns ``(P, N, N)`` or ``(G, P, N, N)`` in obj's dtype.
+    Exact (a plain slice) at integer positions; differentiable w.r.t. obj.
+    """
+    single = obj.ndim == 2
+    if single:
+        obj, positions_px = obj[None], positions_px[None]
+    G, H, W = obj.shape
+    flat_idx, fy, fx = _bilinear_indices(positions_px, N, H, W)
+    fy, fx = fy.to(obj.real.dtype), fx.to(obj.real.dtype)
+    flat = obj.reshape(G, 1, H * W).expand(G, flat_idx.shape[1], H * W)
+    window = torch.gather(flat, 2, flat_idx.reshape(G, flat_idx.shape[1], -1))
+    window = window.reshape(flat_idx.shape)
+    patches = (
+        (1 - fy) * (1 - fx) * window[..., :N, :N]
+        + (1 - fy) * fx * window[..., :N, 1:]
+        + fy * (1 - fx) * window[..., 1:, :N]
+        + fy * fx * window[..., 1:, 1:]
+    )
+    return patches[0] if single else patches
+
+
+def insert_patches(patches: torch.Tensor, positions_px: torch.Tensor, obj_shape: tuple[int, int]) -> torch.Tensor:
+    """Adjoint of :func:`extract_patches`: scatter-add patches into an object canvas.
+
+    patches: ``(P, N, N)`` or ``(G, P, N, N)``; positions_px ``(P, 2)`` / ``(G, P, 2)``.
+    Returns ``(H, W)`` or ``(G, H, W)`` with the patches' dtype. Vectorised
+    (``index_add_``/``scatter_add``), no loop over patches.
+    """
+    single = patches.ndim == 3
+    if single:
+        patches, positions_px = patches[None], positions_px[None]
+    G, P, N, _ = patches.shape
+    H, W = obj_shape
+    flat_idx, fy, fx = _bilinear_indices(positions_px, N, H, W)
+    fy, fx = fy.to(patches.real.dtype), fx.to(patches.real.dtype)
+    window = patches.new_zeros((G, P, N + 1, N + 1))
+    window[..., :N, :N] += (1 - fy) * (1 - fx) * patches
+    window[..., :N, 1:] += (1 - fy) * fx * patches
+    window[..., 1:, :N] += fy * (1 - fx) * patches
+    window[..., 1:, 1:] += fy * fx * patches
+    out = patches.new_zeros((G, H * W))
+    out.scatter_add_(1, flat_idx.reshape(G, -1), window.reshape(G, -1))
+    out = out.reshape(G, H, W)
+    return out[0] if single else out
+
+
+def positions_fit(positions_px: torch.Tensor, N: int, obj_shape: tuple[int, int]) -> torch.Tensor:
+    """Bool mask ``(P,)``: True where the patch (with its interpolation margin) lies inside the object."""
+    top_left = positions_px - N / 2
+    H, W = obj_shape
+    lo_ok = (top_left >= 0).all(dim=-1)
+    frac_pad = (top_left - torch.floor(top_left) > 0).to(top_left.dtype)
+    hi = torch.floor(top_left) + N - 1 + frac_pad
+    hi_ok = (hi[..., 0] <= W - 1) & (hi[..., 1] <= H - 1)
+    return lo_ok & hi_ok
+
+
+# --------------------------------------------------------------------------
+# Illumination and propagation
+
+
+def illuminate(probe: torch.Tensor, obj_patches: torch.Tensor) -> torch.Tensor:
+    """Exit waves ``probe * obj_patch``.
+
+    probe: ``(N, N)`` or ``(K, N, N)`` complex (K incoherent modes).
+    obj_patches: ``(..., N, N)`` complex.
+    Returns ``(..., N, N)`` for a single-mode probe, ``(..., K, N, N)`` otherwise.
+    """
+    if probe.ndim == 2:
+        return probe * obj_patches
+    return probe * obj_patches.unsqueeze(-3)
+
+
+def propagate_far_field(exit_wave: torch.Tensor) -> torch.Tensor:
+    """Fraunhofer propagation: ``fftshift(fft2(exit_wave, norm="ortho"))`` over the last two axes.
+
+    Unitary, so energy is conserved (Parseval).
+    """
+    return torch.fft.fftshift(torch.fft.fft2(exit_wave, norm="ortho"), dim=(-2, -1))
+
+
+def propagate_back(far_field: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`propagate_far_field` (its adjoint, as the operator is unitary)."""
+    return torch.fft.ifft2(torch.fft.ifftshift(far_field, dim=(-2, -1)), norm="ortho")
+
+
+def far_field_amplitude(probe: torch.Tensor, obj_patches: torch.Tensor) -> torch.Tensor:
+    """Diffraction amplitude ``|F(probe * obj_patch)|`` (modes summed in intensity).
+
+    obj_patches: ``(..., N, N)`` complex. Returns ``(..., N, N)`` real, >= 0.
+    """
+    far = propagate_far_field(illuminate(probe, obj_patches))
+    intensity = far.real.square() + far.imag.square()
+    if probe.ndim == 3:
+        intensity = intensity.sum(dim=-3)
+    # The small floor keeps the gradient of sqrt finite where the field is exactly zero.
+    return torch.sqrt(intensity + 1e-12)
+
+
+def forward_amplitude(obj: torch.Tensor, probe: torch.Tensor, positions_px: torch.Tensor) -> torch.Tensor:
+    """Full forward model from an object to the scan's diffraction amplitudes.
+
+    obj ``(H, W)`` complex, probe ``(N, N)`` or ``(K, N, N)`` complex,
+    positions_px ``(P, 2)`` float. Returns ``(P, N, N)`` float amplitudes.
+    """
+    N = probe.shape[-1]
+    return far_field_amplitude(probe, extract_patches(obj, positions_px, N))
+
+
+def angular_spectrum_propagate(
+    field: torch.Tensor, distance_m: float, wavelength_m: float, pixel_size_m: float
+) -> torch.Tensor:
+    """Propagate a complex field ``(..., N, N)`` by ``distance_m`` (angular spectrum method).
+
+    Evanescent components (spatial frequencies beyond 1/wavelength) are dropped.
+    """
+    n_rows, n_cols = field.shape[-2:]
+    fy = torch.fft.fftfreq(n_rows, d=pixel_size_m, dtype=torch.float64)
+    fx = torch.fft.fftfreq(n_cols, d=pixel_size_m, dtype=torch.float64)
+    arg = 1.0 - (wavelength_m * fy[:, None]) ** 2 - (wavelength_m * fx[None, :]) ** 2
+    propagating = arg > 0
+    k = 2 * math.pi / wavelength_m
+    # (kz - k): the constant phase exp(i k z) carries no information, so it is left out.
+    phase = (k * torch.sqrt(arg.clamp(min=0)) - k) * distance_m
+    transfer = torch.where(propagating, torch.polar(torch.ones_like(phase), phase), torch.zeros_like(phase).to(torch.complex128))
+    out = torch.fft.ifft2(torch.fft.fft2(field.to(torch.complex128)) * transfer)
+    return out.to(field.dtype)
+
+
+def wavelength_m(energy_eV: float) -> float:
+    """Photon wavelength in metres: λ = hc / E."""
+    return 1.239841984e-6 / energy_eV
+
+
+# --------------------------------------------------------------------------
+# Overlap operators of a group of C patches (the PINN's overlap constraint)
+
+
+def group_canvas_size(N: int, offsets_px: torch.Tensor) -> int:
+    """Side of a square canvas that holds every patch of every group.
+
+    offsets_px: ``(G, C, 2)`` positions relative to each group's centre.
+    """
+    span = float(offsets_px.abs().max()) if offsets_px.numel() else 0.0
+    return int(N + 2 * math.ceil(span) + 2)
+
+
+def _canvas_positions(offsets_px: torch.Tensor, canvas: int) -> torch.Tensor:
+    return offsets_px + canvas / 2
+
+
+def place_in_canvas(patches: torch.Tensor, offsets_px: torch.Tensor, canvas: int) -> torch.Tensor:
+    """Scatter-add C patches of each group into a shared canvas (adjoint of re-extraction).
+
+    patches ``(G, C, N, N)``, offsets_px ``(G, C, 2)`` relative to the group centre.
+    Returns ``(G, canvas, canvas)``.
+    """
+    return insert_patches(patches, _canvas_positions(offsets_px, canvas), (canvas, canvas))
+
+
+def extract_from_canvas(canvas_obj: torch.Tensor, offsets_px: torch.Tensor, N: int) -> torch.Tensor:
+    """Re-extract the C patches of each group from its canvas ``(G, S, S)`` -> ``(G, C, N, N)``."""
+    return extract_patches(canvas_obj, _canvas_positions(offsets_px, canvas_obj.shape[-1]), N)
+
+
+def merge_group(patches: torch.Tensor, offsets_px: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Overlap constraint: weighted average of a group's patches, then re-extraction.
+
+    patches ``(G, C, N, N)`` complex, offsets_px ``(G, C, 2)``, weight ``(N, N)``
+    real >= 0 (e.g. the probe intensity). Where patches overlap the result is
+    their weighted mean, so the returned ``(G, C, N, N)`` patches agree with
+    each other wherever they overlap. Differentiable.
+    """
+    G, C, N, _ = patches.shape
+    canvas = group_canvas_size(N, offsets_px)
+    w = weight.to(patches.real.dtype).expand(G, C, N, N)
+    numerator = place_in_canvas(patches * w, offsets_px, canvas)
+    denominator = place_in_canvas(w, offsets_px, canvas)
+    floor = 1e-3 * float(weight.max())
+    merged = numerator / (denominator + floor)
+    return extract_from_canvas(merged, offsets_px, N)
