@@ -158,3 +158,116 @@ def available_cpu_threads() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - non-Linux
         return max(1, os.cpu_count() or 1)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # CPU default: trains on the default simulated scan in minutes on 2 cores.
+    "cpu": {"widths": (16, 32, 64, 128), "blocks_per_level": 1},
+    # Published PtychoPINN-like widths, for GPUs.
+    "gpu": {"widths": (32, 64, 128, 256), "blocks_per_level": 2},
+    # Tests and smoke runs only.
+    "tiny": {"widths": (4, 8, 8), "blocks_per_level": 1},
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig(ConfigBase):
+    """Generator architecture and physics it is tied to.
+
+    ``widths`` are the encoder channel counts per resolution level (each level
+    halves the size); the decoder mirrors them. ``gridsize``² patterns are
+    reconstructed together with the overlap constraint when gridsize > 1.
+    """
+
+    preset: Literal["cpu", "gpu", "tiny", "custom"] = "cpu"
+    N: int = 64
+    gridsize: int = 1
+    widths: tuple[int, ...] = ()
+    blocks_per_level: int = 0
+    amplitude_max: float = 1.5
+    probe_support_threshold: float = 0.0
+
+    def validate(self) -> None:
+        name = type(self).__name__
+        if self.gridsize < 1 or self.gridsize > 4:
+            raise PtychoInputError(f"config: {name}.gridsize: found {self.gridsize}, expected 1..4")
+        widths = self.resolved_widths()
+        if not widths or any(w < 1 for w in widths):
+            raise PtychoInputError(f"config: {name}.widths: found {list(widths)}, expected positive channel counts")
+        if self.N % (2 ** len(widths)):
+            raise PtychoInputError(f"config: {name}.N: found {self.N}, expected a multiple of {2 ** len(widths)} for {len(widths)} levels")
+        _positive(name, "amplitude_max", self.amplitude_max)
+
+    def resolved_widths(self) -> tuple[int, ...]:
+        if self.widths:
+            return tuple(self.widths)
+        return tuple(PRESETS.get(self.preset, PRESETS["cpu"])["widths"])
+
+    def resolved_blocks(self) -> int:
+        if self.blocks_per_level:
+            return self.blocks_per_level
+        return int(PRESETS.get(self.preset, PRESETS["cpu"])["blocks_per_level"])
+
+
+@dataclass(frozen=True)
+class TrainingConfig(ConfigBase):
+    """Everything `train()` needs. ``data`` empty means: simulate the embedded default."""
+
+    data: str = ""
+    test_data: str = ""
+    output_dir: str = "outputs/train"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: Literal["poisson", "mae", "supervised"] = "poisson"
+    epochs: int = 30
+    batch_size: int = 32
+    learning_rate: float = 2e-3
+    weight_decay: float = 0.0
+    lr_schedule: Literal["cosine", "plateau", "constant"] = "cosine"
+    val_fraction: float = 0.1
+    split: Literal["spatial", "random"] = "spatial"
+    early_stopping_patience: int = 8
+    seed: int = 0
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    devices: int = 1
+    threads: int = 0
+    quiet: bool = False
+    resume: str = ""
+    max_patterns: int = 0
+    time_limit_s: float = 0.0
+    preview_every_n_epochs: int = 5
+
+    def validate(self) -> None:
+        name = type(self).__name__
+        if self.epochs < 1:
+            raise PtychoInputError(f"config: {name}.epochs: found {self.epochs}, expected >= 1")
+        if self.batch_size < 1:
+            raise PtychoInputError(f"config: {name}.batch_size: found {self.batch_size}, expected >= 1")
+        _positive(name, "learning_rate", self.learning_rate)
+        if not 0 <= self.val_fraction < 1:
+            raise PtychoInputError(f"config: {name}.val_fraction: found {self.val_fraction}, expected in [0, 1)")
+        if self.threads < 0:
+            raise PtychoInputError(f"config: {name}.threads: found {self.threads}, expected >= 0 (0 = all available cores)")
+
+    def resolved_threads(self) -> int:
+        """Threads to use: the configured count, capped at the cores this process may use."""
+        cores = available_cpu_threads()
+        return min(self.threads, cores) if self.threads else cores
+
+
+@dataclass(frozen=True)
+class InferenceConfig(ConfigBase):
+    """Reconstruction settings shared by the batch CLI and the pyfunc model."""
+
+    batch_size: int = 256
+    refine_steps: int = 50
+    refine_method: Literal["object", "finetune"] = "object"
+    finetune_epochs: int = 3
+    threads: int = 0
+    progress: bool = True
+
+    def validate(self) -> None:
+        name = type(self).__name__
+        if self.batch_size < 1:
+            raise PtychoInputError(f"config: {name}.batch_size: found {self.batch_size}, expected >= 1")
+        if self.refine_steps < 0:
+            raise PtychoInputError(f"config: {name}.refine_steps: found {self.refine_steps}, expected >= 0")

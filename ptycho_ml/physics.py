@@ -41,6 +41,19 @@ def _bilinear_indices(
     return flat_idx, frac[..., 1, None, None], frac[..., 0, None, None]
 
 
+def _as_real(x: torch.Tensor) -> torch.Tensor:
+    """Complex ``(...)`` -> real ``(..., 2)`` view; real tensors get a trailing axis of 1.
+
+    Interpolation runs on real views: complex elementwise arithmetic is several
+    times slower on CPUs.
+    """
+    return torch.view_as_real(x) if x.is_complex() else x.unsqueeze(-1)
+
+
+def _from_real(x: torch.Tensor, complex_out: bool) -> torch.Tensor:
+    return torch.view_as_complex(x.contiguous()) if complex_out else x.squeeze(-1)
+
+
 def extract_patches(obj: torch.Tensor, positions_px: torch.Tensor, N: int) -> torch.Tensor:
     """Extract N×N patches at sub-pixel positions (bilinear interpolation).
 
@@ -54,16 +67,15 @@ def extract_patches(obj: torch.Tensor, positions_px: torch.Tensor, N: int) -> to
         obj, positions_px = obj[None], positions_px[None]
     G, H, W = obj.shape
     flat_idx, fy, fx = _bilinear_indices(positions_px, N, H, W)
-    fy, fx = fy.to(obj.real.dtype), fx.to(obj.real.dtype)
-    flat = obj.reshape(G, 1, H * W).expand(G, flat_idx.shape[1], H * W)
-    window = torch.gather(flat, 2, flat_idx.reshape(G, flat_idx.shape[1], -1))
-    window = window.reshape(flat_idx.shape)
-    patches = (
-        (1 - fy) * (1 - fx) * window[..., :N, :N]
-        + (1 - fy) * fx * window[..., :N, 1:]
-        + fy * (1 - fx) * window[..., 1:, :N]
-        + fy * fx * window[..., 1:, 1:]
-    )
+    # One flat index space over all G objects, so a single take() gathers every window.
+    flat_idx = flat_idx + (torch.arange(G, device=obj.device) * (H * W)).view(G, 1, 1, 1)
+    window = _as_real(torch.take(obj, flat_idx))  # (G, P, N+1, N+1, 2|1)
+    fx = fx.to(window.dtype)[..., None]
+    fy = fy.to(window.dtype)[..., None]
+    # Separable bilinear interpolation: along columns, then rows.
+    cols = torch.lerp(window[..., :, :N, :], window[..., :, 1:, :], fx)
+    patches = torch.lerp(cols[..., :N, :, :], cols[..., 1:, :, :], fy)
+    patches = _from_real(patches, obj.is_complex())
     return patches[0] if single else patches
 
 
@@ -72,7 +84,7 @@ def insert_patches(patches: torch.Tensor, positions_px: torch.Tensor, obj_shape:
 
     patches: ``(P, N, N)`` or ``(G, P, N, N)``; positions_px ``(P, 2)`` / ``(G, P, 2)``.
     Returns ``(H, W)`` or ``(G, H, W)`` with the patches' dtype. Vectorised
-    (``index_add_``/``scatter_add``), no loop over patches.
+    (one ``index_add_``), no loop over patches.
     """
     single = patches.ndim == 3
     if single:
@@ -80,14 +92,21 @@ def insert_patches(patches: torch.Tensor, positions_px: torch.Tensor, obj_shape:
     G, P, N, _ = patches.shape
     H, W = obj_shape
     flat_idx, fy, fx = _bilinear_indices(positions_px, N, H, W)
-    fy, fx = fy.to(patches.real.dtype), fx.to(patches.real.dtype)
-    window = patches.new_zeros((G, P, N + 1, N + 1))
-    window[..., :N, :N] += (1 - fy) * (1 - fx) * patches
-    window[..., :N, 1:] += (1 - fy) * fx * patches
-    window[..., 1:, :N] += fy * (1 - fx) * patches
-    window[..., 1:, 1:] += fy * fx * patches
-    out = patches.new_zeros((G, H * W))
-    out.scatter_add_(1, flat_idx.reshape(G, -1), window.reshape(G, -1))
+    flat_idx = flat_idx + (torch.arange(G, device=patches.device) * (H * W)).view(G, 1, 1, 1)
+    p = _as_real(patches)  # (G, P, N, N, 2|1)
+    fx = fx.to(p.dtype)[..., None]
+    fy = fy.to(p.dtype)[..., None]
+    # Adjoint of the row interpolation, then of the column interpolation:
+    # pixel k of a line feeds window pixels k (weight 1-f) and k+1 (weight f).
+    q = fy * p
+    rows = torch.cat([p - q, q[..., -1:, :, :]], dim=-3)
+    rows[..., 1:N, :, :] += q[..., :-1, :, :]
+    q = fx * rows
+    window = torch.cat([rows - q, q[..., :, -1:, :]], dim=-2)
+    window[..., :, 1:N, :] += q[..., :, :-1, :]
+    window = _from_real(window, patches.is_complex())
+    out = window.new_zeros(G * H * W)
+    out.index_add_(0, flat_idx.reshape(-1), window.reshape(-1))
     out = out.reshape(G, H, W)
     return out[0] if single else out
 
@@ -225,5 +244,5 @@ def merge_group(patches: torch.Tensor, offsets_px: torch.Tensor, weight: torch.T
     numerator = place_in_canvas(patches * w, offsets_px, canvas)
     denominator = place_in_canvas(w, offsets_px, canvas)
     floor = 1e-3 * float(weight.max())
-    merged = numerator / (denominator + floor)
+    merged = numerator / denominator.clamp(min=floor)
     return extract_from_canvas(merged, offsets_px, N)

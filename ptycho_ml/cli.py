@@ -1,0 +1,236 @@
+"""``ptycho-ml``: a thin click front end over the package's functions.
+
+User errors print one line (``error: ...``) and exit 2; ``--debug`` shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import PtychoInputError
+
+_DEBUG = {"on": False}
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except PtychoInputError as exc:
+            if _DEBUG["on"]:
+                raise
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ptycho-ml")
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+def main(debug: bool) -> None:
+    """Physics-informed neural-network ptychographic reconstruction on MLflow."""
+    _DEBUG["on"] = debug
+    warnings.filterwarnings("default", category=UserWarning, module="ptycho_ml")
+
+
+def _warnings_to_stderr() -> None:
+    def show(message, category, filename, lineno, file=None, line=None):
+        click.echo(f"warning: {message}", err=True)
+
+    warnings.showwarning = show
+
+
+# ---------------------------------------------------------------- simulate
+
+@main.command()
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory (train.npz, test.npz).")
+@click.option("--N", "N", default=64, show_default=True, type=int, help="Pattern size in pixels.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--nphotons", default=None, type=float, help="Mean photons per pattern (default 1e6).")
+@click.option("--scan", type=click.Choice(["raster", "spiral"]), default=None, help="Scan pattern (default raster).")
+@click.option("--probe", "probe_kind", type=click.Choice(["focused", "gaussian", "file"]), default=None)
+@click.option("--probe-file", default="", help="NPZ (probeGuess) or .npy probe when --probe file.")
+@click.option("--families", default=None, help="Comma-separated object families: lines,grf,siemens.")
+@click.option("--which", default="train,test", show_default=True, help="Which scans to write.")
+def simulate(out_dir, N, seed, nphotons, scan, probe_kind, probe_file, families, which):
+    """Simulate the default training scan and a held-out test scan (PtychoPINN NPZ with ground truth)."""
+    from . import simulate as sim
+
+    changes = {k: v for k, v in {"nphotons": nphotons, "scan": scan, "probe_kind": probe_kind,
+                                 "probe_file": probe_file or None,
+                                 "object_families": tuple(families.split(",")) if families else None}.items() if v is not None}
+    wanted = [w.strip() for w in which.split(",") if w.strip()]
+    configs = sim.default_configs(N=N, seed=seed)
+    bad = [w for w in wanted if w not in configs]
+    if bad:
+        raise PtychoInputError(f"--which: found {bad}, expected a subset of {sorted(configs)}")
+    for name in wanted:
+        cfg = type(configs[name]).from_dict({**configs[name].to_dict(), **changes})
+        scan_data = sim.simulate_scan(cfg)
+        path = sim.write_simulated(scan_data, Path(out_dir) / f"{name}.npz")
+        click.echo(f"{path}: {len(scan_data.positions_px)} patterns of {cfg.N}x{cfg.N}, object {cfg.object_size_px}^2, nphotons {cfg.nphotons:g}")
+
+
+# ---------------------------------------------------------------- train
+
+@main.command()
+@click.option("--data", default="", help="Training scan (NPZ/HDF5/ptychodus/s3://). Empty: simulate the embedded default.")
+@click.option("--test-data", default="", help="Held-out scan with ground truth for quality metrics.")
+@click.option("--out", "output_dir", default="outputs/train", show_default=True, help="Output directory (wts.h5.zip, checkpoints/).")
+@click.option("--preset", type=click.Choice(["cpu", "gpu", "tiny"]), default="cpu", show_default=True)
+@click.option("--gridsize", default=1, show_default=True, type=int)
+@click.option("--epochs", default=None, type=int, help="Maximum epochs (default 30).")
+@click.option("--batch-size", default=None, type=int)
+@click.option("--lr", "learning_rate", default=None, type=float)
+@click.option("--loss", type=click.Choice(["poisson", "mae", "supervised"]), default=None)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--accelerator", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True)
+@click.option("--threads", default=0, show_default=True, type=int, help="CPU threads (0 = all cores this process may use).")
+@click.option("--resume", default="", help="Checkpoint to resume from (e.g. OUT/checkpoints/last.ckpt).")
+@click.option("--time-limit-s", default=0.0, type=float, help="Stop training after this many seconds (0 = no limit).")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="JSON file of TrainingConfig fields; flags override it.")
+@click.option("--quiet", is_flag=True, help="No progress bar or model summary.")
+def train(data, test_data, output_dir, preset, gridsize, epochs, batch_size, learning_rate, loss, seed,
+          accelerator, threads, resume, time_limit_s, config_file, quiet):
+    """Train a PINN reconstructor; writes OUT/wts.h5.zip."""
+    from .config import TrainingConfig
+    from .metrics import format_table
+    from .train import train as run_train
+
+    _warnings_to_stderr()
+    base = _read_json(config_file) if config_file else {}
+    model = {**base.get("model", {}), "preset": preset, "gridsize": gridsize}
+    flags = {"data": data, "test_data": test_data, "output_dir": output_dir, "model": model, "seed": seed,
+             "accelerator": accelerator, "threads": threads, "resume": resume, "quiet": quiet,
+             "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate, "loss": loss,
+             "time_limit_s": time_limit_s or None}
+    merged = {**base, **{k: v for k, v in flags.items() if v is not None and (v != "" or k not in base)}}
+    result = run_train(TrainingConfig.from_dict(merged))
+    click.echo(f"bundle: {result.bundle_path}")
+    click.echo(f"trained on {result.n_train} groups, validated on {result.n_val}, {len(result.history)} epochs, {result.elapsed_s:.0f} s")
+    for label in ("network", "refined"):
+        m = {k.split(f"test_{label}_", 1)[1]: v for k, v in result.metrics.items() if k.startswith(f"test_{label}_")}
+        if m:
+            click.echo(f"held-out scan, {label}:\n{format_table(m)}")
+
+
+def _read_json(path: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise PtychoInputError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno}), expected a JSON object of config fields") from None
+
+
+# ---------------------------------------------------------------- reconstruct
+
+def _model_options(f):
+    for opt in reversed([
+        click.option("--bundle", default=None, help="Local or s3:// path to a wts.h5.zip bundle."),
+        click.option("--model", "model_uri", default=None, help="MLflow model URI: models:/name/Production, models:/name@alias, runs:/ID/model, or a local model dir."),
+        click.option("--name", default=None, help="Registered model name (with --stage/--alias/--version)."),
+        click.option("--stage", default=None, help="Registry stage, e.g. Production."),
+        click.option("--alias", default=None, help="Registry alias, e.g. champion."),
+        click.option("--version", "model_version", default=None, help="Registered model version number."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _load_model(bundle, model_uri, name, stage, alias, model_version):
+    """Resolve the model source: a bundle path, or an MLflow model URI / registry selector."""
+    if bundle and (model_uri or stage or alias or model_version):
+        raise PtychoInputError("--bundle: found together with --model/--stage/--alias/--version, expected one model source")
+    if bundle:
+        from .model_io import load_model_bundle
+
+        return load_model_bundle(bundle)[0], bundle
+    from .registry import load_native_model, resolve_model_uri
+
+    uri = resolve_model_uri(model_uri, name=name, stage=stage, alias=alias, version=model_version)
+    return load_native_model(uri), uri
+
+
+@main.command()
+@_model_options
+@click.option("--data", required=True, help="Scan to reconstruct (NPZ/HDF5/ptychodus diffraction.h5/s3://).")
+@click.option("--product", default=None, help="ptychodus product.h5 paired with a diffraction.h5 (default: beside it).")
+@click.option("--out", "out_dir", required=True, help="Output directory or s3:// prefix.")
+@click.option("--refine-steps", default=None, type=int, help="Physics-consistent refinement passes (default 50; 0 = network only).")
+@click.option("--refine-method", type=click.Choice(["object", "finetune"]), default="object", show_default=True)
+@click.option("--batch-size", default=256, show_default=True, type=int)
+@click.option("--threads", default=0, show_default=True, type=int)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def reconstruct(bundle, model_uri, name, stage, alias, model_version, data, product, out_dir, refine_steps,
+                refine_method, batch_size, threads, quiet):
+    """Reconstruct every pattern of a scan, stitch, refine; writes object.h5, PNGs and product.h5."""
+    from .config import InferenceConfig
+    from .data.readers import load_scan
+    from .reconstruct_job import run_reconstruction
+
+    _warnings_to_stderr()
+    if not (bundle or model_uri or stage or alias or model_version):
+        raise PtychoInputError("no model given: expected --bundle PATH or --model URI (or --name with --stage/--alias/--version)")
+    cfg = InferenceConfig.from_dict({k: v for k, v in {"refine_steps": refine_steps, "refine_method": refine_method,
+                                                       "batch_size": batch_size, "threads": threads,
+                                                       "progress": not quiet}.items() if v is not None})
+    scan = load_scan(data, product=product)
+    model, source = _load_model(bundle, model_uri, name, stage, alias, model_version)
+    summary = run_reconstruction(model, scan, cfg, out_dir, model_source=source)
+    for line in summary["lines"]:
+        click.echo(line)
+
+
+# ---------------------------------------------------------------- evaluate
+
+@main.command()
+@click.option("--reconstruction", "recon", default=None, help="object.h5 written by `reconstruct`.")
+@_model_options
+@click.option("--data", required=True, help="Scan with ground truth (objectGuess), e.g. the held-out test.npz.")
+@click.option("--refine-steps", default=None, type=int, help="When reconstructing with a model: refinement passes.")
+@click.option("--json", "json_out", default=None, help="Write the metrics as JSON here.")
+def evaluate(recon, bundle, model_uri, name, stage, alias, model_version, data, refine_steps, json_out):
+    """SSIM, PSNR, MAE and FRC (amplitude and phase) of a reconstruction against ground truth."""
+    from .evaluate import evaluate_against_truth
+
+    _warnings_to_stderr()
+    model = source = None
+    if not recon:
+        if not (bundle or model_uri or stage or alias or model_version):
+            raise PtychoInputError("nothing to evaluate: expected --reconstruction object.h5, --bundle PATH or --model URI")
+        model, source = _load_model(bundle, model_uri, name, stage, alias, model_version)
+    table, metrics = evaluate_against_truth(data, reconstruction=recon, model=model, refine_steps=refine_steps)
+    click.echo(table)
+    if json_out:
+        from .storage import OutputLocation, is_s3
+
+        if is_s3(json_out):
+            parent, fname = json_out.rsplit("/", 1)
+            with OutputLocation(parent) as loc:
+                (loc.path / fname).write_text(json.dumps(metrics, indent=2))
+        else:
+            Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+            Path(json_out).write_text(json.dumps(metrics, indent=2))
+        click.echo(f"metrics: {json_out}")
+
+
+# ---------------------------------------------------------------- inspect
+
+@main.command()
+@click.argument("bundle_path")
+def inspect(bundle_path):
+    """Show a wts.h5.zip bundle's manifest, models and configuration (loads no weights)."""
+    from .bundle import inspect_bundle
+    from .storage import local_path
+
+    click.echo(json.dumps(inspect_bundle(local_path(bundle_path)), indent=2, default=str))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

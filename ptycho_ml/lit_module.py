@@ -1,0 +1,84 @@
+"""LightningModule: network -> physics -> loss, with one shared step for train/val/fine-tune."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+
+from . import losses, physics
+from .config import ModelConfig
+from .network import DiffractionToObject
+
+
+def physics_step(model: DiffractionToObject, amplitude: torch.Tensor, offsets_px: torch.Tensor,
+                 loss_kind: str, good_pixels: torch.Tensor | None = None,
+                 target_patches: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One PINN step shared by training, validation and on-scan fine-tuning.
+
+    amplitude ``(B, C, N, N)`` float32 measured amplitudes (counts scale),
+    offsets_px ``(B, C, 2)`` positions relative to each group's centre.
+    Returns ``(loss, patches (B, C, N, N) complex64)``. With C > 1 the
+    predicted patches are merged in a shared canvas and re-extracted (the
+    overlap constraint) before the forward model.
+    """
+    patches = model(amplitude)
+    if patches.shape[1] > 1:
+        patches = physics.merge_group(patches, offsets_px, model.probe_intensity())
+    if loss_kind == "supervised":
+        if target_patches is None:
+            raise ValueError("supervised loss needs ground-truth patches")
+        weight = model.probe_intensity() / model.probe_intensity().max()
+        return ((patches - target_patches).abs().square() * weight).mean(), patches
+    predicted = physics.far_field_amplitude(model.probe, patches)
+    return losses.LOSSES[loss_kind](predicted, amplitude, good_pixels), patches
+
+
+class PtychoLitModule(L.LightningModule):
+    """Trains :class:`DiffractionToObject` with the physics loss (Poisson NLL by default).
+
+    Batches are ``(amplitude (B, C, N, N), offsets_px (B, C, 2)[, target (B, C, N, N) complex])``.
+    Hyper-parameters are plain dicts so checkpoints load with ``weights_only=True``.
+    """
+
+    def __init__(self, model_config: dict, probe: torch.Tensor, amplitude_scale: float,
+                 loss: str = "poisson", learning_rate: float = 2e-3, weight_decay: float = 0.0,
+                 lr_schedule: str = "cosine", max_epochs: int = 30, good_pixels: torch.Tensor | None = None):
+        super().__init__()
+        self.save_hyperparameters({"model_config": model_config, "loss": loss, "learning_rate": learning_rate,
+                                   "weight_decay": weight_decay, "lr_schedule": lr_schedule,
+                                   "max_epochs": max_epochs, "amplitude_scale": float(amplitude_scale)})
+        self.model = DiffractionToObject(ModelConfig.from_dict(model_config), probe, amplitude_scale)
+        self.register_buffer("good_pixels", good_pixels if good_pixels is not None else torch.ones(0, dtype=torch.bool))
+
+    def _mask(self) -> torch.Tensor | None:
+        return self.good_pixels if self.good_pixels.numel() else None
+
+    def _step(self, batch: Any, stage: str) -> torch.Tensor:
+        amplitude, offsets = batch[0], batch[1]
+        target = batch[2] if len(batch) > 2 else None
+        loss, _ = physics_step(self.model, amplitude, offsets, self.hparams.loss, self._mask(), target)
+        self.log(f"{stage}_loss", loss, prog_bar=True, on_epoch=True, on_step=False, batch_size=amplitude.shape[0])
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def on_train_epoch_end(self) -> None:
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_epoch=True)
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.AdamW(self.model.parameters(), lr=self.hparams.learning_rate,
+                                weight_decay=self.hparams.weight_decay)
+        if self.hparams.lr_schedule == "cosine":
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.hparams.max_epochs),
+                                                               eta_min=self.hparams.learning_rate * 0.02)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+        if self.hparams.lr_schedule == "plateau":
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=2)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val_loss", "interval": "epoch"}}
+        return opt

@@ -1,0 +1,67 @@
+"""Torch model <-> ``wts.h5.zip`` bundle (the bundle itself knows nothing of torch or MLflow)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .bundle import read_bundle, write_bundle
+from .config import ModelConfig
+from .errors import PtychoInputError
+from .network import DiffractionToObject
+
+
+def _to_numpy(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy().copy() for k, v in state.items()}
+
+
+def save_model_bundle(model: DiffractionToObject, path: str | Path, config: dict[str, Any] | None = None,
+                      extra: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` as a ``wts.h5.zip`` bundle (atomic).
+
+    ``config`` is stored next to the model config under its own keys
+    (e.g. ``training``); ``extra`` holds summaries such as metrics.
+    """
+    full_config = {"model": model.cfg.to_dict(), **(config or {})}
+    return write_bundle(
+        path,
+        models={"diffraction_to_obj": _to_numpy(model.state_dict()),
+                "autoencoder": _to_numpy(model.generator.state_dict())},
+        probe=model.probe.detach().cpu().numpy(),
+        amplitude_scale=float(model.amplitude_scale),
+        config=full_config,
+        extra=extra or {},
+    )
+
+
+def load_model_bundle(path: str | Path) -> tuple[DiffractionToObject, dict[str, Any]]:
+    """Rebuild the inference model from a bundle, loading weights strictly.
+
+    Returns ``(model in eval mode, {"config": ..., "extra": ..., "manifest": ...})``.
+    The ``autoencoder`` group must equal the generator inside
+    ``diffraction_to_obj``; a bundle where they disagree is rejected.
+    """
+    from .storage import local_path
+
+    path = local_path(str(path))
+    bundle = read_bundle(path)
+    if "model" not in bundle.config:
+        raise PtychoInputError(f"{path}: field 'config_json.model': missing, expected the model configuration")
+    cfg = ModelConfig.from_dict(bundle.config["model"])
+    model = DiffractionToObject(cfg, torch.from_numpy(bundle.probe), bundle.amplitude_scale)
+    state = {k: torch.from_numpy(np.array(v)) for k, v in bundle.models["diffraction_to_obj"].items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else "mismatch"
+        raise PtychoInputError(f"{path}: model 'diffraction_to_obj': weights do not match the architecture ({first}), expected a bundle written by this model config") from None
+    generator_state = model.generator.state_dict()
+    autoencoder = bundle.models["autoencoder"]
+    if set(autoencoder) != set(generator_state) or any(
+            not np.array_equal(autoencoder[k], generator_state[k].numpy()) for k in generator_state):
+        raise PtychoInputError(f"{path}: model 'autoencoder': differs from the generator inside 'diffraction_to_obj', expected identical weights")
+    model.eval()
+    return model, {"config": bundle.config, "extra": bundle.extra, "manifest": bundle.manifest}

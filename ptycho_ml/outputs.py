@@ -1,0 +1,71 @@
+"""Writing reconstructions: the object as HDF5 and PNG previews of amplitude and phase."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def write_object_h5(path: str | Path, obj: np.ndarray, attrs: dict | None = None,
+                    illumination: np.ndarray | None = None) -> Path:
+    """Atomically write ``obj (H, W) complex64`` with its amplitude and phase as datasets.
+
+    Datasets: ``object`` (complex64), ``amplitude`` and ``phase`` (float32,
+    radians), optional ``illumination``; ``attrs`` go to the root as JSON-safe
+    attributes (dicts are stored as JSON strings).
+    """
+    import h5py
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w") as h5:
+            h5.create_dataset("object", data=obj.astype(np.complex64))
+            h5.create_dataset("amplitude", data=np.abs(obj).astype(np.float32))
+            h5.create_dataset("phase", data=np.angle(obj).astype(np.float32))
+            if illumination is not None:
+                h5.create_dataset("illumination", data=illumination.astype(np.float32))
+            for key, value in (attrs or {}).items():
+                h5.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_previews(out_dir: str | Path, obj: np.ndarray, prefix: str = "", title: str = "",
+                   region: tuple[slice, slice] | None = None) -> list[Path]:
+    """PNG previews ``{prefix}amplitude.png`` and ``{prefix}phase.png`` with colour bars.
+
+    ``region`` crops to the scanned area (unscanned pixels carry no information).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    view = obj[region] if region is not None else obj
+    paths = []
+    for name, data, cmap, label in (("amplitude", np.abs(view), "gray", "amplitude"),
+                                    ("phase", np.angle(view), "twilight", "phase (rad)")):
+        fig, ax = plt.subplots(figsize=(5, 4.2))
+        im = ax.imshow(data, cmap=cmap)
+        ax.set_title(f"{title} {name}".strip())
+        ax.set_xlabel("x (px)")
+        ax.set_ylabel("y (px)")
+        fig.colorbar(im, ax=ax, label=label)
+        fig.tight_layout()
+        path = out_dir / f"{prefix}{name}.png"
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+        paths.append(path)
+    return paths

@@ -1,0 +1,134 @@
+"""reconstruct(model, scan) -> object. Shared by the batch CLI, the MLflow entry point and the pyfunc model.
+
+Path: every pattern (batched, at its real position) -> one network forward
+pass -> vectorised probe-weighted stitching -> optional physics-consistent
+refinement on the scan (:mod:`ptycho_ml.refine`) or self-supervised
+fine-tuning of the network on the scan. Memory is bounded by the batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .config import InferenceConfig, available_cpu_threads
+from .data.grouping import make_groups
+from .data.scan import ScanData
+from .errors import PtychoInputError
+from .network import DiffractionToObject
+from .refine import refine_object
+from .stitching import Stitcher
+
+
+@dataclass
+class ReconstructionResult:
+    """obj ``(H, W) complex64`` (final), network_obj ``(H, W) complex64`` (before refinement)."""
+
+    obj: np.ndarray
+    network_obj: np.ndarray
+    illumination: np.ndarray
+    timings_s: dict[str, float] = field(default_factory=dict)
+    loss_history: list[float] = field(default_factory=list)
+    n_patterns: int = 0
+
+
+def check_compatible(model: DiffractionToObject, scan: ScanData) -> None:
+    """The scan's pattern size must be the model's N."""
+    if scan.N != model.cfg.N:
+        raise PtychoInputError(f"{scan.source}: field '{scan.patterns_field}': found {scan.N}x{scan.N} patterns, expected {model.cfg.N}x{model.cfg.N} for this model")
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="pattern", disable=not enabled, leave=False)
+
+
+def predict_patches(model: DiffractionToObject, amplitude: torch.Tensor) -> torch.Tensor:
+    """Network patches for single patterns: amplitude ``(B, N, N)`` -> ``(B, N, N)`` complex64 (gridsize 1)."""
+    with torch.inference_mode():
+        return model(amplitude[:, None])[:, 0]
+
+
+def network_object(model: DiffractionToObject, scan: ScanData, batch_size: int = 256,
+                   progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run every pattern through the network and stitch: returns ``(obj (H, W) complex64, illumination (H, W))``.
+
+    For gridsize > 1 models each pattern is the anchor of a group of its
+    nearest neighbours and the anchor's patch is kept.
+    """
+    check_compatible(model, scan)
+    C = model.cfg.gridsize**2
+    positions = np.asarray(scan.positions_px, dtype=np.float32)
+    groups = make_groups(scan.positions_px, model.cfg.gridsize, seed=0)[0] if C > 1 else None
+    stitcher = Stitcher(scan.obj_shape, model.probe_intensity())
+    with _progress(len(scan), "reconstruct", progress) as bar, torch.inference_mode():
+        for start in range(0, len(scan), batch_size):
+            sl = slice(start, min(start + batch_size, len(scan)))
+            if groups is None:
+                amp = torch.from_numpy(scan.amplitude(sl))[:, None]
+            else:
+                members = groups[sl]
+                amp = torch.from_numpy(scan.amplitude(members.reshape(-1))).view(len(members), C, scan.N, scan.N)
+            patches = model(amp)[:, 0]
+            stitcher.add(patches, torch.from_numpy(positions[sl]))
+            bar.update(sl.stop - sl.start)
+    return stitcher.result(), stitcher.illumination()
+
+
+def finetune_on_scan(model: DiffractionToObject, scan: ScanData, epochs: int, batch_size: int = 32,
+                     learning_rate: float = 5e-4, seed: int = 0) -> DiffractionToObject:
+    """Self-supervised fine-tuning of a copy of the network on the scan itself (Poisson loss, no ground truth)."""
+    from .lit_module import physics_step
+
+    tuned = copy.deepcopy(model).train()
+    opt = torch.optim.Adam(tuned.generator.parameters(), lr=learning_rate)
+    rng = np.random.default_rng(seed)
+    C = model.cfg.gridsize**2
+    groups, offsets = make_groups(scan.positions_px, model.cfg.gridsize, seed=seed)
+    good = None if scan.good_pixels is None else torch.from_numpy(scan.good_pixels)
+    for _ in range(epochs):
+        order = rng.permutation(len(scan))
+        for start in range(0, len(order), batch_size):
+            members = groups[order[start:start + batch_size]]
+            amp = torch.from_numpy(scan.amplitude(members.reshape(-1))).view(len(members), C, scan.N, scan.N)
+            loss, _ = physics_step(tuned, amp, torch.from_numpy(offsets[order[start:start + batch_size]]), "poisson", good)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return tuned.eval()
+
+
+def reconstruct(model: DiffractionToObject, scan: ScanData, cfg: InferenceConfig | None = None) -> ReconstructionResult:
+    """Reconstruct the scan's object: network + stitching, then the configured refinement."""
+    cfg = cfg or InferenceConfig()
+    threads = min(cfg.threads, available_cpu_threads()) if cfg.threads else available_cpu_threads()
+    torch.set_num_threads(threads)
+    model.eval()
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    net_model = model
+    if cfg.refine_steps and cfg.refine_method == "finetune":
+        net_model = finetune_on_scan(model, scan, cfg.finetune_epochs)
+        timings["finetune_s"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    obj, illumination = network_object(net_model, scan, cfg.batch_size, cfg.progress)
+    timings["network_s"] = time.perf_counter() - t1
+    network_obj = obj.clone()
+    history: list[float] = []
+    if cfg.refine_steps and cfg.refine_method == "object":
+        t2 = time.perf_counter()
+        amplitudes = None
+        if len(scan) * scan.N * scan.N <= 64 * 1024 * 1024:  # small scans: read once, not every step
+            amplitudes = torch.from_numpy(scan.amplitude(slice(0, len(scan))))
+        with _progress(cfg.refine_steps, "refine", cfg.progress) as bar:
+            result = refine_object(obj, scan, model.probe, cfg.refine_steps, amplitudes=amplitudes,
+                                   on_step=lambda i, loss: bar.update(1))
+        obj, history = result.obj, result.loss_history
+        timings["refine_s"] = time.perf_counter() - t2
+    timings["total_s"] = time.perf_counter() - t0
+    return ReconstructionResult(obj.numpy(), network_obj.numpy(), illumination.numpy(), timings, history, len(scan))

@@ -1,0 +1,57 @@
+"""Reconstruct a scan and write every output a user expects (shared by the CLI and the MLflow entry point)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from . import metrics as metrics_mod
+from .config import InferenceConfig
+from .data.scan import ScanData
+from .network import DiffractionToObject
+from .outputs import write_object_h5, write_previews
+from .reconstruct import ReconstructionResult, reconstruct
+from .storage import OutputLocation
+
+
+def run_reconstruction(model: DiffractionToObject, scan: ScanData, cfg: InferenceConfig, out: str,
+                       model_source: str = "") -> dict[str, Any]:
+    """Reconstruct ``scan`` and write to ``out`` (a directory or ``s3://`` prefix):
+
+    * ``object.h5``: complex object, amplitude, phase, illumination;
+    * ``amplitude.png``, ``phase.png`` (scanned region, colour bars);
+    * ``product.h5``: a ptychodus 1.7.0 product (object, probe, positions, loss history);
+    * ``summary.json``: timings, settings and, when the scan has ground truth, metrics.
+
+    Nothing is written (or uploaded) unless the reconstruction succeeded.
+    """
+    result = reconstruct(model, scan, cfg)
+    summary: dict[str, Any] = {"source": scan.source, "model": model_source, "n_patterns": result.n_patterns,
+                               "timings_s": result.timings_s, "inference": cfg.to_dict()}
+    region = metrics_mod.region_box(metrics_mod.scanned_region(scan.positions_px, scan.N, scan.obj_shape, scan.probe))
+    if scan.obj is not None and scan.obj.shape == result.obj.shape:
+        summary["metrics"] = metrics_mod.evaluate_object(result.obj, scan.obj, scan.positions_px, scan.N, scan.probe)
+    with OutputLocation(out) as loc:
+        write_object_h5(loc.path / "object.h5", result.obj, {"source": scan.source, "model": model_source,
+                                                              "refine_steps": cfg.refine_steps},
+                        result.illumination)
+        write_previews(loc.path, result.obj, title="reconstructed", region=region)
+        write_product_for(loc.path / "product.h5", scan, result, model)
+        (loc.path / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+        summary["lines"] = [f"{loc.describe(n)}" for n in ("object.h5", "amplitude.png", "phase.png", "product.h5", "summary.json")]
+    t = result.timings_s
+    summary["lines"].append(f"{result.n_patterns} patterns: network {t.get('network_s', 0):.2f} s, "
+                            f"refinement {t.get('refine_s', t.get('finetune_s', 0)):.2f} s ({cfg.refine_steps} steps)")
+    if "metrics" in summary:
+        summary["lines"].append(metrics_mod.format_table(summary["metrics"]))
+    return summary
+
+
+def write_product_for(path, scan: ScanData, result: ReconstructionResult, model: DiffractionToObject) -> None:
+    """Write the reconstruction as a ptychodus product.h5, geometry from the input (or stated defaults)."""
+    from .data.ptychodus import geometry_from_scan, write_product
+
+    epochs = list(range(len(result.loss_history)))
+    write_product(path, obj=result.obj, probe=scan.probe, positions_px=scan.positions_px, position_indexes=None,
+                  geometry=geometry_from_scan(scan), loss_epochs=epochs, loss_values=result.loss_history,
+                  name="ptycho_ml", comments=f"ptycho_ml reconstruction of {scan.source}")
