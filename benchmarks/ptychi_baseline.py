@@ -30,8 +30,9 @@ Output NPZ: ``obj`` ``(H, W)`` complex64, ``wall_s`` (``task.run()`` only, no
 set-up), ``setup_s``, ``epochs``, ``algorithm``, ``ptychi_version``,
 ``threads``, ``batch_size``, ``loss`` (per-epoch pty-chi loss), ``shim``
 (whether the torchvision shim below was used) and ``shim_calls``. One JSON
-line with the scalars (and quick metrics when ``objectGuess`` is present) is
-printed last on stdout, prefixed ``RESULT``.
+line with the scalars (plus ``probe_drift``, the largest change of the probe
+during the run relative to its peak, 0 when it stayed fixed, and quick metrics
+when ``objectGuess`` is present) is printed last on stdout, prefixed ``RESULT``.
 
 Conventions (DESIGN §9, pty-chi 2.2.0)
 --------------------------------------
@@ -86,8 +87,10 @@ be imported at all.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -324,6 +327,8 @@ def ensure_torchvision() -> object | None:
     try:
         import torchvision  # noqa: F401
 
+        if getattr(torchvision, "IS_PTYCHI_BASELINE_SHIM", False):
+            return torchvision  # installed earlier in this process
         log(f"real torchvision {torchvision.__version__} imports; no shim")
         return None
     except Exception as exc:  # a CUDA-linked wheel fails with OSError/RuntimeError, absence with ImportError
@@ -331,6 +336,7 @@ def ensure_torchvision() -> object | None:
     for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
         del sys.modules[name]
     root = Path(tempfile.mkdtemp(prefix="ptychi_tv_shim_"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
     for rel, src in _SHIM_FILES.items():
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -220,6 +220,38 @@ def evaluate(recon, bundle, model_uri, name, stage, alias, model_version, data, 
         click.echo(f"metrics: {json_out}")
 
 
+# ---------------------------------------------------------------- convert
+
+@main.command()
+@click.option("--input", "input_path", required=True, help="NPZ/HDF5 scan, or a ptychodus diffraction.h5 (s3:// allowed).")
+@click.option("--product", default=None, help="ptychodus product.h5 paired with --input (default: beside it).")
+@click.option("--to", "target", type=click.Choice(["ptychodus", "npz"]), required=True,
+              help="ptychodus: write diffraction.h5 + product.h5 into --out; npz: write a PtychoPINN NPZ to --out.")
+@click.option("--out", "out", required=True, help="Output directory (ptychodus) or .npz path (npz); s3:// allowed.")
+def convert(input_path, product, target, out):
+    """Convert scans between PtychoPINN NPZ and ptychodus 1.7.0 files, both ways (streams large scans)."""
+    from .data.ptychodus import npz_to_ptychodus, ptychodus_to_npz
+    from .data.readers import load_scan
+    from .storage import OutputLocation, is_s3
+
+    _warnings_to_stderr()
+    scan = load_scan(input_path, product=product)
+    if target == "ptychodus":
+        with OutputLocation(out) as loc:
+            written = npz_to_ptychodus(scan, loc.path)
+            names = [loc.describe(Path(p).name) for p in written]
+    else:
+        if not out.endswith(".npz"):
+            raise PtychoInputError(f"--out: found '{out}', expected a path ending in .npz for --to npz")
+        parent, fname = (out.rsplit("/", 1) if "/" in out else (".", out))
+        if Path(out).exists() and not is_s3(out):
+            raise PtychoInputError(f"--out: '{out}' already exists, expected a new file (nothing was overwritten)")
+        with OutputLocation(parent) as loc:
+            ptychodus_to_npz(scan, loc.path / fname)
+            names = [loc.describe(fname)]
+    click.echo(f"{len(scan)} patterns of {scan.N}x{scan.N} -> " + ", ".join(names))
+
+
 # ---------------------------------------------------------------- inspect
 
 @main.command()
@@ -231,6 +263,15 @@ def inspect(bundle_path):
 
     click.echo(json.dumps(inspect_bundle(local_path(bundle_path)), indent=2, default=str))
 
+
+def _register_lifecycle_commands() -> None:
+    from .cli_registry import models, promote
+
+    main.add_command(promote)
+    main.add_command(models)
+
+
+_register_lifecycle_commands()
 
 if __name__ == "__main__":  # pragma: no cover
     main()

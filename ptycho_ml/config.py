@@ -185,7 +185,7 @@ class ModelConfig(ConfigBase):
     widths: tuple[int, ...] = ()
     blocks_per_level: int = 0
     amplitude_max: float = 1.5
-    probe_support_threshold: float = 0.0
+    input_iterations: int = 4
 
     def validate(self) -> None:
         name = type(self).__name__

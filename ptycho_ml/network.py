@@ -12,11 +12,10 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
+from . import physics
 from .config import ModelConfig
 
 
@@ -42,15 +41,17 @@ def _stage(c_in: int, c_out: int, blocks: int) -> nn.Sequential:
 
 
 class Generator(nn.Module):
-    """Encoder-decoder CNN: ``(B, C, N, N)`` float32 normalised amplitudes -> ``(B, C, N, N)`` complex64 patches.
+    """U-Net correcting per-pattern physics estimates: ``(B, 2C+1, N, N)`` -> amplitude/phase corrections.
 
-    The encoder works in detector space and halves the size per level; a
-    fully connected bottleneck mixes all detector positions (diffraction to
-    real space is a global transform, which convolutions alone cannot
-    express); the decoder rebuilds real space with skip connections from the
-    bottleneck's spatial map. The amplitude head outputs
-    ``amplitude_max * sigmoid`` (positive, bounded), the phase head
-    ``pi * tanh`` (no wrapping discontinuity in the loss).
+    Input channels are the real and imaginary parts of the C single-pattern
+    object estimates (:func:`ptycho_ml.physics.single_pattern_estimate`) and
+    the normalised probe intensity (where the data say anything). A stride-2
+    stem and pixel-shuffle heads keep full-resolution work small; a fully
+    connected bottleneck gives every output pixel a view of the whole patch
+    (low-frequency phase is a global property); skip connections carry detail.
+    Heads are zero-initialised, so an untrained generator returns its input
+    estimate unchanged. Output: ``(log_amplitude_gain, phase_shift)``, each
+    ``(B, C, N, N)`` float32.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -59,9 +60,8 @@ class Generator(nn.Module):
         self.N = cfg.N
         widths = cfg.resolved_widths()
         blocks = cfg.resolved_blocks()
-        self.amplitude_max = float(cfg.amplitude_max)
         # Stride-2 stem: full-resolution convolutions would dominate the cost on CPUs.
-        self.stem = nn.Conv2d(self.C, widths[0], 4, stride=2, padding=1)
+        self.stem = nn.Conv2d(2 * self.C + 1, widths[0], 4, stride=2, padding=1)
         self.down = nn.ModuleList()
         c = widths[0]
         for i, w in enumerate(widths):
@@ -78,34 +78,38 @@ class Generator(nn.Module):
         for i in range(len(widths) - 1, 0, -1):
             self.up.append(nn.ModuleDict({
                 "upsample": nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
-                "stage": _stage(widths[i], widths[i - 1], blocks),
+                "stage": _stage(widths[i] + widths[i - 1], widths[i - 1], blocks),
             }))
         # Heads predict 2x2 sub-pixels per position (pixel shuffle) back to N x N.
         self.amplitude_head = nn.Sequential(nn.Conv2d(widths[0], 4 * self.C, 3, padding=1), nn.PixelShuffle(2))
         self.phase_head = nn.Sequential(nn.Conv2d(widths[0], 4 * self.C, 3, padding=1), nn.PixelShuffle(2))
+        for head in (self.amplitude_head, self.phase_head):
+            nn.init.zeros_(head[0].weight)
+            nn.init.zeros_(head[0].bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Compress the diffraction's dynamic range: amplitude -> its square root (counts^(1/4)).
-        h = self.stem(torch.sqrt(x.clamp(min=0) + 1e-6))
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.stem(x)
+        skips = []
         for stage in self.down:
             h = stage(h)
+            skips.append(h)
         B = h.shape[0]
-        z = self.squeeze(h)
-        z = self.mix(z.flatten(1)).view(B, self.bottleneck_ch, self.bottom_side, self.bottom_side)
-        h = self.unsqueeze(z)
-        for level in self.up:
-            h = level["stage"](level["upsample"](h))
-        amplitude = self.amplitude_max * torch.sigmoid(self.amplitude_head(h) + 2.0)
-        phase = math.pi * torch.tanh(self.phase_head(h))
-        return torch.polar(amplitude, phase)
+        z = self.mix(self.squeeze(h).flatten(1)).view(B, self.bottleneck_ch, self.bottom_side, self.bottom_side)
+        h = h + self.unsqueeze(z)
+        for level, skip in zip(self.up, reversed(skips[:-1])):
+            h = level["stage"](torch.cat([level["upsample"](h), skip], dim=1))
+        return self.amplitude_head(h), self.phase_head(h)
 
 
 class DiffractionToObject(nn.Module):
     """Inference model: measured amplitudes (counts scale) -> complex object patches.
 
-    forward(amplitude ``(B, C, N, N)`` float32) -> ``(B, C, N, N)`` complex64.
-    Buffers: ``amplitude_scale`` (scalar) and ``probe`` (``(N, N)`` or
-    ``(K, N, N)`` complex64), both persisted in the bundle.
+    Per-pattern physics estimates (a few error-reduction steps with the
+    probe) feed the :class:`Generator`, which corrects their amplitude and
+    phase. Buffers: ``amplitude_scale`` (RMS training amplitude) and
+    ``probe`` (``(N, N)`` or ``(K, N, N)`` complex64), both persisted in the
+    bundle; together they fix the training data's counts-per-probe-photon
+    ratio, against which an inference probe's scale is checked.
     """
 
     def __init__(self, cfg: ModelConfig, probe: torch.Tensor, amplitude_scale: float):
@@ -115,23 +119,43 @@ class DiffractionToObject(nn.Module):
         self.register_buffer("amplitude_scale", torch.tensor(float(amplitude_scale), dtype=torch.float32))
         self.register_buffer("probe", probe.to(torch.complex64).clone())
 
-    def forward(self, amplitude: torch.Tensor) -> torch.Tensor:
-        return self.generator(amplitude / self.amplitude_scale)
+    def forward(self, amplitude: torch.Tensor, probe: torch.Tensor | None = None) -> torch.Tensor:
+        """amplitude ``(B, C, N, N)`` float32 (counts scale) -> object patches ``(B, C, N, N)`` complex64.
+
+        ``probe`` ``(N, N)``/``(K, N, N)``: the scan's own probe when it has
+        one (the estimate is then in object units whatever the dose);
+        default: the training probe.
+        """
+        probe = self.probe if probe is None else probe
+        with torch.no_grad():  # physics features: no learnable parameters, no gradient needed
+            estimate = physics.single_pattern_estimate(amplitude, probe, self.cfg.input_iterations)
+        weight = intensity_of(probe) / intensity_of(probe).max()
+        features = torch.cat([estimate.real, estimate.imag, weight.expand(amplitude.shape[0], 1, *weight.shape)], dim=1)
+        log_gain, phase_shift = self.generator(features)
+        # Residual output: the network corrects the physics estimate.
+        amplitude_out = (estimate.abs().clamp(min=1e-3) * torch.exp(log_gain)).clamp(max=self.cfg.amplitude_max)
+        return torch.polar(amplitude_out, torch.angle(estimate) + phase_shift)
 
     def probe_intensity(self) -> torch.Tensor:
-        """``(N, N)`` float32 probe intensity (modes summed): the stitching and overlap weight."""
-        intensity = self.probe.real.square() + self.probe.imag.square()
-        return intensity.sum(0) if intensity.ndim == 3 else intensity
+        """``(N, N)`` float32 training-probe intensity (modes summed): the stitching and overlap weight."""
+        return intensity_of(self.probe)
+
+
+def intensity_of(probe: torch.Tensor) -> torch.Tensor:
+    """``(N, N)`` float32 intensity of a probe ``(N, N)`` or ``(K, N, N)`` (modes summed)."""
+    intensity = probe.real.square() + probe.imag.square()
+    return intensity.sum(0) if intensity.ndim == 3 else intensity
 
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def flops_per_pattern(model: nn.Module, C: int, N: int) -> float:
-    """Forward FLOPs per pattern (multiply-add = 2 FLOPs), counted by torch's FLOP counter."""
+def flops_per_pattern(model: "DiffractionToObject") -> float:
+    """Forward FLOPs per pattern of the network (multiply-add = 2 FLOPs), counted by torch's FLOP counter."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    C, N = model.cfg.gridsize**2, model.cfg.N
     x = torch.rand(1, C, N, N)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(x)

@@ -246,3 +246,30 @@ def merge_group(patches: torch.Tensor, offsets_px: torch.Tensor, weight: torch.T
     floor = 1e-3 * float(weight.max())
     merged = numerator / denominator.clamp(min=floor)
     return extract_from_canvas(merged, offsets_px, N)
+
+
+# --------------------------------------------------------------------------
+# Per-pattern physics features for the network
+
+
+def single_pattern_estimate(amplitude: torch.Tensor, probe: torch.Tensor, iterations: int) -> torch.Tensor:
+    """Object patch estimate from each pattern alone: a few error-reduction steps from a flat object.
+
+    amplitude ``(..., N, N)`` measured amplitudes (counts scale); probe
+    ``(N, N)`` complex (for a multi-mode probe the first mode is used).
+    Each step replaces the far-field modulus by the measurement and updates
+    the object by the probe-weighted exit-wave change (ePIE with step 1, on
+    one pattern). Returns ``(..., N, N)`` complex64. It turns the Fourier
+    inversion the network would otherwise have to learn into a real-space
+    image-to-image correction.
+    """
+    if probe.ndim == 3:
+        probe = probe[0]
+    obj = torch.ones(amplitude.shape, dtype=torch.complex64, device=amplitude.device)
+    step = probe.conj() / (probe.real.square() + probe.imag.square()).max()
+    for _ in range(iterations):
+        exit_wave = probe * obj
+        far = propagate_far_field(exit_wave)
+        far = far * (amplitude / far.abs().clamp(min=1e-6))
+        obj = obj + step * (propagate_back(far) - exit_wave)
+    return obj

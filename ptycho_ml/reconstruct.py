@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,7 +20,7 @@ from .config import InferenceConfig, available_cpu_threads
 from .data.grouping import make_groups
 from .data.scan import ScanData
 from .errors import PtychoInputError
-from .network import DiffractionToObject
+from .network import DiffractionToObject, intensity_of
 from .refine import refine_object
 from .stitching import Stitcher
 
@@ -48,6 +49,31 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="pattern", disable=not enabled, leave=False)
 
 
+def inference_probe(model: DiffractionToObject, scan: ScanData, sample: int = 512) -> torch.Tensor:
+    """The probe to reconstruct ``scan`` with: its own, checked against the counts it measured.
+
+    The training data fix a counts-per-probe-photon ratio
+    (``amplitude_scale² N² / Σ|P_train|²``, i.e. the mean object
+    transmission). A scan whose probe is on another scale (e.g. normalised
+    to max 1 by another program) would give estimates off by that factor, so
+    a ratio more than 10x away from training is corrected, with a warning.
+    Returns ``(N, N)`` or ``(K, N, N)`` complex64.
+    """
+    probe = torch.from_numpy(np.asarray(scan.probe, dtype=np.complex64))
+    N = scan.N
+    idx = np.linspace(0, len(scan) - 1, min(len(scan), sample)).astype(np.int64)
+    rms = float(np.sqrt(np.mean(scan.amplitude(idx).astype(np.float64) ** 2)))
+    ratio_train = float(model.amplitude_scale) ** 2 * N * N / float(intensity_of(model.probe).sum())
+    ratio_scan = rms**2 * N * N / float(intensity_of(probe).sum())
+    if not 0.1 <= ratio_scan / ratio_train <= 10:
+        factor = (ratio_scan / ratio_train) ** 0.5
+        warnings.warn(f"{scan.source}: probe scale does not match the measured counts "
+                      f"(counts/probe photons {ratio_scan:.3g} vs {ratio_train:.3g} in training); rescaling the probe by {factor:.3g}",
+                      UserWarning, stacklevel=2)
+        probe = probe * factor
+    return probe
+
+
 def predict_patches(model: DiffractionToObject, amplitude: torch.Tensor) -> torch.Tensor:
     """Network patches for single patterns: amplitude ``(B, N, N)`` -> ``(B, N, N)`` complex64 (gridsize 1)."""
     with torch.inference_mode():
@@ -55,7 +81,7 @@ def predict_patches(model: DiffractionToObject, amplitude: torch.Tensor) -> torc
 
 
 def network_object(model: DiffractionToObject, scan: ScanData, batch_size: int = 256,
-                   progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                   progress: bool = False, probe: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run every pattern through the network and stitch: returns ``(obj (H, W) complex64, illumination (H, W))``.
 
     For gridsize > 1 models each pattern is the anchor of a group of its
@@ -65,7 +91,8 @@ def network_object(model: DiffractionToObject, scan: ScanData, batch_size: int =
     C = model.cfg.gridsize**2
     positions = np.asarray(scan.positions_px, dtype=np.float32)
     groups = make_groups(scan.positions_px, model.cfg.gridsize, seed=0)[0] if C > 1 else None
-    stitcher = Stitcher(scan.obj_shape, model.probe_intensity())
+    probe = inference_probe(model, scan) if probe is None else probe
+    stitcher = Stitcher(scan.obj_shape, intensity_of(probe))
     with _progress(len(scan), "reconstruct", progress) as bar, torch.inference_mode():
         for start in range(0, len(scan), batch_size):
             sl = slice(start, min(start + batch_size, len(scan)))
@@ -74,7 +101,7 @@ def network_object(model: DiffractionToObject, scan: ScanData, batch_size: int =
             else:
                 members = groups[sl]
                 amp = torch.from_numpy(scan.amplitude(members.reshape(-1))).view(len(members), C, scan.N, scan.N)
-            patches = model(amp)[:, 0]
+            patches = model(amp, probe)[:, 0]
             stitcher.add(patches, torch.from_numpy(positions[sl]))
             bar.update(sl.stop - sl.start)
     return stitcher.result(), stitcher.illumination()
@@ -115,8 +142,9 @@ def reconstruct(model: DiffractionToObject, scan: ScanData, cfg: InferenceConfig
     if cfg.refine_steps and cfg.refine_method == "finetune":
         net_model = finetune_on_scan(model, scan, cfg.finetune_epochs)
         timings["finetune_s"] = time.perf_counter() - t0
+    probe = inference_probe(model, scan)
     t1 = time.perf_counter()
-    obj, illumination = network_object(net_model, scan, cfg.batch_size, cfg.progress)
+    obj, illumination = network_object(net_model, scan, cfg.batch_size, cfg.progress, probe)
     timings["network_s"] = time.perf_counter() - t1
     network_obj = obj.clone()
     history: list[float] = []
@@ -126,7 +154,7 @@ def reconstruct(model: DiffractionToObject, scan: ScanData, cfg: InferenceConfig
         if len(scan) * scan.N * scan.N <= 64 * 1024 * 1024:  # small scans: read once, not every step
             amplitudes = torch.from_numpy(scan.amplitude(slice(0, len(scan))))
         with _progress(cfg.refine_steps, "refine", cfg.progress) as bar:
-            result = refine_object(obj, scan, model.probe, cfg.refine_steps, amplitudes=amplitudes,
+            result = refine_object(obj, scan, probe, cfg.refine_steps, amplitudes=amplitudes,
                                    on_step=lambda i, loss: bar.update(1))
         obj, history = result.obj, result.loss_history
         timings["refine_s"] = time.perf_counter() - t2

@@ -70,7 +70,7 @@ def refine_object(obj: torch.Tensor, scan: ScanData, probe: torch.Tensor, steps:
             loss = _poisson_sum(pred, amp, good, eps_counts)
             (g,) = torch.autograd.grad(loss, lookahead)
             grad += g
-            total += float(loss)
+            total += float(loss.detach())
         # torch's gradient w.r.t. a complex tensor is 2 dL/d(conj z); the Poisson
         # gradient is about twice the amplitude-loss one near the solution, hence /4.
         velocity = momentum * velocity - step_size * precond * grad / 4

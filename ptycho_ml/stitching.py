@@ -26,7 +26,7 @@ class Stitcher:
         self.floor_fraction = floor_fraction
 
     def add(self, patches: torch.Tensor, positions_px: torch.Tensor) -> None:
-        """patches ``(B, N, N)`` complex64 at positions ``(B, 2)`` (x, y)."""
+        """Add patches ``(B, N, N)`` complex64 at positions ``(B, 2)`` (x, y)."""
         w = self.weight.expand(patches.shape)
         self.numerator += physics.insert_patches(patches.to(torch.complex64) * w, positions_px, self.obj_shape)
         self.denominator += physics.insert_patches(w, positions_px, self.obj_shape)

@@ -215,9 +215,7 @@ def train(config: TrainingConfig, callbacks: list | None = None, loggers: list |
     history: list[dict[str, float]] = []
 
     class History(L.Callback):
-        def on_validation_epoch_end(self, trainer, pl_module):
-            if trainer.sanity_checking:
-                return
+        def on_train_epoch_end(self, trainer, pl_module):  # runs after the epoch's validation
             m = {k: float(v) for k, v in trainer.callback_metrics.items() if k in ("train_loss", "val_loss")}
             m["lr"] = float(trainer.optimizers[0].param_groups[0]["lr"])
             m["epoch"] = trainer.current_epoch
@@ -254,7 +252,7 @@ def train(config: TrainingConfig, callbacks: list | None = None, loggers: list |
 
     fingerprint = dataset_fingerprint(scan)
     summary = {"n_parameters": count_parameters(model.generator),
-               "flops_per_pattern": flops_per_pattern(model.generator, model_cfg.gridsize**2, model_cfg.N)}
+               "flops_per_pattern": flops_per_pattern(model)}
     result_metrics: dict[str, float] = {}
     test_recon = None
     if test_scan is not None:

@@ -173,34 +173,36 @@ def _load_pair(h5d: Any, diffraction_path: str, product_path: str) -> ScanData:
     if not (np.issubdtype(patterns.dtype, np.integer) or np.issubdtype(patterns.dtype, np.floating)):
         raise field_error(diffraction_path, "patterns", f"dtype {patterns.dtype}", "a real numeric dtype (counts)")
     M, H_det, W_det = patterns.shape
-    if "indexes" in h5d:
-        pattern_indexes = np.asarray(_dataset(h5d, "indexes", diffraction_path, "(M,) ints")[()]).reshape(-1)
-        if len(pattern_indexes) != M or not np.issubdtype(pattern_indexes.dtype, np.integer):
-            raise field_error(diffraction_path, "indexes", f"{len(pattern_indexes)} values of dtype {pattern_indexes.dtype}",
-                              f"{M} integer scan indexes (one per pattern)")
-    else:
-        raise field_error(diffraction_path, "indexes", f"no such dataset (keys: {sorted(h5d.keys())})", f"({M},) scan indexes")
+    pattern_indexes = np.asarray(_dataset(h5d, "indexes", diffraction_path, f"({M},) scan indexes")[()]).reshape(-1)
+    if len(pattern_indexes) != M or not np.issubdtype(pattern_indexes.dtype, np.integer):
+        raise field_error(diffraction_path, "indexes", f"{len(pattern_indexes)} values of dtype {pattern_indexes.dtype}",
+                          f"{M} integer scan indexes (one per pattern)")
     bad_pixels = None
     if "bad_pixels" in h5d:
         bad_pixels = np.asarray(h5d["bad_pixels"][()]).astype(bool)
         if bad_pixels.shape != (H_det, W_det):
-            raise field_error(diffraction_path, "bad_pixels", f"shape {bad_pixels.shape}", f"({H_det}, {W_det}) like the patterns")
+            raise field_error(diffraction_path, "bad_pixels", f"shape {bad_pixels.shape}",
+                              f"({H_det}, {W_det}) like the patterns")
         bad_pixels = bad_pixels if bad_pixels.any() else None
     det_px = {k: (_float(patterns.attrs[k], diffraction_path, k) if k in patterns.attrs else None) for k in _DETECTOR_KEYS}
 
     with _open_h5(product_path, "product.h5") as h5p:
         src = product_path
         meta: dict[str, Any] = {
-            "detector_object_distance_m": _float(_attr(h5p, ["detector_object_distance_m"], src), src, "detector_object_distance_m"),
+            "detector_object_distance_m": _float(_attr(h5p, ["detector_object_distance_m"], src), src,
+                                                 "detector_object_distance_m"),
             "photon_energy_eV": _float(_attr(h5p, ["photon_energy_eV", "probe_energy_eV"], src), src, "photon_energy_eV"),
             "probe_photon_count": _float(_attr(h5p, ["probe_photon_count"], src, "", 0.0), src, "probe_photon_count"),
             "exposure_time_s": _float(_attr(h5p, ["exposure_time_s"], src, "", 0.0), src, "exposure_time_s"),
             "name": str(_attr(h5p, ["name"], src, "", "Unnamed")),
             "comments": str(_attr(h5p, ["comments"], src, "", "")),
         }
+        for key in ("detector_object_distance_m", "photon_energy_eV"):
+            if meta[key] <= 0:
+                raise field_error(src, key, f"{meta[key]}", "a positive value")
         if not bool(h5p.attrs.get("far_field", True)):
             warnings.warn(f"{src}: product declares far_field=False (near field); ptycho_ml models far-field "
-                          "diffraction only", PtychodusWarning, stacklevel=2)
+                          "diffraction only", PtychodusWarning, stacklevel=3)
 
         h5_obj = _dataset(h5p, "object", src, "an (L, H, W) complex object")
         obj_all = np.asarray(h5_obj[()])
@@ -210,7 +212,7 @@ def _load_pair(h5d: Any, diffraction_path: str, product_path: str) -> ScanData:
             raise field_error(src, "object", f"shape {obj_all.shape} dtype {obj_all.dtype}", "a complex (L, H, W) array")
         if obj_all.shape[0] > 1:
             warnings.warn(f"{src}: field 'object' has {obj_all.shape[0]} layers; using layer 0 (multislice is not "
-                          "supported)", PtychodusWarning, stacklevel=2)
+                          "supported)", PtychodusWarning, stacklevel=3)
         obj = obj_all[0].astype(np.complex64)
         if not np.isfinite(obj).all():
             raise field_error(src, "object", "NaN or Inf values", "a finite complex object")
@@ -228,13 +230,12 @@ def _load_pair(h5d: Any, diffraction_path: str, product_path: str) -> ScanData:
         probe_all = probe_all.reshape((1,) * (4 - probe_all.ndim) + probe_all.shape)
         if probe_all.shape[0] > 1:
             warnings.warn(f"{src}: field 'probe' has {probe_all.shape[0]} coherent (OPR) modes; using the "
-                          "position-independent mode 0", PtychodusWarning, stacklevel=2)
+                          "position-independent mode 0", PtychodusWarning, stacklevel=3)
         probe = probe_all[0].astype(np.complex64)
         probe = probe[0] if probe.shape[0] == 1 else probe
-        meta["probe_pixel_width_m"] = _float(h5_probe.attrs.get("pixel_width_m", meta["object_pixel_width_m"]), src, "probe.pixel_width_m")
-        meta["probe_pixel_height_m"] = _float(h5_probe.attrs.get("pixel_height_m", meta["object_pixel_height_m"]), src, "probe.pixel_height_m")
-        for axis in ("width", "height"):
-            p, o = meta[f"probe_pixel_{axis}_m"], meta[f"object_pixel_{axis}_m"]
+        for axis in ("width", "height"):  # absent: ptychodus takes the object's
+            o = meta[f"object_pixel_{axis}_m"]
+            p = meta[f"probe_pixel_{axis}_m"] = _float(h5_probe.attrs.get(f"pixel_{axis}_m", o), src, f"probe.pixel_{axis}_m")
             if not math.isclose(p, o, rel_tol=1e-6):
                 raise field_error(src, f"probe.pixel_{axis}_m", f"{p:.6g} m", f"the object pixel {axis} {o:.6g} m "
                                   "(resample the probe to the object grid in ptychodus first)")
@@ -273,7 +274,7 @@ def _load_pair(h5d: Any, diffraction_path: str, product_path: str) -> ScanData:
     if not matched.all():
         warnings.warn(f"{diffraction_path}: {int((~matched).sum())} of {M} patterns have no probe position in "
                       f"{product_path} (e.g. index {int(pattern_indexes[~matched][0])}); dropping them",
-                      PtychodusWarning, stacklevel=2)
+                      PtychodusWarning, stacklevel=3)
     rows = np.flatnonzero(matched)
     slot = slot[rows]
     H, W = obj.shape
@@ -413,7 +414,7 @@ def write_product(path: str | Path, *, obj: np.ndarray, probe: np.ndarray, posit
         raise PtychoInputError(f"write_product: loss_epochs/loss_values: found lengths {len(loss_epochs)} and {len(loss_values)}, expected equal")
     g = {k: float(geometry.get(k) or 0.0) for k in DEFAULT_GEOMETRY}
     H, W = obj.shape
-    x_m = (positions_px[:, 0] - (W - 1) / 2) * g["object_pixel_width_m"] + g["object_center_x_m"]
+    x_m = (positions_px[:, 0] - (W - 1) / 2) * g["object_pixel_width_m"] + g["object_center_x_m"]  # (M,) float64
     y_m = (positions_px[:, 1] - (H - 1) / 2) * g["object_pixel_height_m"] + g["object_center_y_m"]
 
     h5, tmp = _atomic_h5(path)

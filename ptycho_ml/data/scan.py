@@ -63,12 +63,10 @@ class ScanData:
             block = np.asarray(self.patterns[indices])
         else:
             indices = np.asarray(indices)
-            # h5py needs increasing indices; sort, read, then undo the sort.
-            order = np.argsort(indices, kind="stable")
-            sorted_idx = indices[order]
-            block = np.empty((len(indices),) + tuple(self.patterns.shape[1:]), dtype=self.patterns.dtype)
-            block[order] = np.asarray(self.patterns[sorted_idx]) if len(sorted_idx) else block[:0]
-        block = block.astype(np.float32, copy=False)
+            # h5py needs strictly increasing indices: read each distinct pattern once, then expand.
+            unique, inverse = np.unique(indices, return_inverse=True)
+            block = np.asarray(self.patterns[unique])[inverse] if len(unique) else np.empty((0,) + tuple(self.patterns.shape[1:]), self.patterns.dtype)
+        block = np.array(block, dtype=np.float32)  # a private, writable copy of just this batch
         check_values(block, self.source, self.patterns_field)
         return np.sqrt(block) if self.patterns_are_counts else block
 
