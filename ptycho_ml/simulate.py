@@ -243,3 +243,145 @@ def write_simulated(scan: SimulatedScan, path: str | Path) -> Path:
         "scan_index": np.zeros(len(scan.positions_px), np.int64),
         "metadata": np.array(json.dumps(scan.metadata, sort_keys=True)),
     })
+
+
+# --------------------------------------------------------------------------
+# Scans larger than memory
+
+
+def _fft_smooth(field: np.ndarray, sigma_px: float) -> np.ndarray:
+    """Periodic Gaussian smoothing by FFT, ``O(S² log S)`` whatever ``sigma_px`` (``(H, W)`` float64)."""
+    H, W = field.shape
+    ky = np.fft.fftfreq(H)[:, None]
+    kx = np.fft.rfftfreq(W)[None, :]
+    transfer = np.exp(-2.0 * (math.pi * sigma_px) ** 2 * (ky**2 + kx**2))
+    return np.fft.irfft2(np.fft.rfft2(field) * transfer, s=(H, W))
+
+
+def _stamp_lines(S: int, N: int, rng: np.random.Generator) -> np.ndarray:
+    """Short anti-aliased segments drawn in their own bounding boxes: cost ∝ their area, not ``S²`` each."""
+    out = np.zeros((S, S))
+    n_lines = max(8, int(3 * S * S / (N * N)))
+    for _ in range(n_lines):
+        x0, y0 = rng.uniform(0, S, 2)
+        length, angle = rng.uniform(N / 4, 2 * N), rng.uniform(0, np.pi)
+        x1, y1 = x0 + length * math.cos(angle), y0 + length * math.sin(angle)
+        width, weight = rng.uniform(0.7, 3.0), rng.uniform(0.3, 1.0)
+        r0, r1 = max(0, int(min(y0, y1) - width - 2)), min(S, int(max(y0, y1) + width + 3))
+        c0, c1 = max(0, int(min(x0, x1) - width - 2)), min(S, int(max(x0, x1) + width + 3))
+        if r1 <= r0 or c1 <= c0:
+            continue
+        yy, xx = np.mgrid[r0:r1, c0:c1].astype(np.float64)
+        dx, dy = x1 - x0, y1 - y0
+        s = np.clip(((xx - x0) * dx + (yy - y0) * dy) / (dx * dx + dy * dy + 1e-9), 0, 1)
+        dist = np.hypot(xx - (x0 + s * dx), yy - (y0 + s * dy))
+        np.maximum(out[r0:r1, c0:c1], weight * np.clip(width - dist + 0.5, 0, 1), out=out[r0:r1, c0:c1])
+    return _normalise(ndimage.gaussian_filter(out, 0.6))
+
+
+def _stamp_stars(S: int, N: int, rng: np.random.Generator) -> np.ndarray:
+    """Siemens stars of radius N/2..2N scattered over the object, each drawn in its own box."""
+    out = np.zeros((S, S))
+    n_stars = max(1, int(S * S / (4 * N) ** 2))
+    for _ in range(n_stars):
+        radius_max = rng.uniform(N / 2, 2 * N)
+        cy, cx = rng.uniform(0, S, 2)
+        spokes = int(rng.integers(12, 40))
+        r0, r1 = max(0, int(cy - radius_max)), min(S, int(cy + radius_max) + 1)
+        c0, c1 = max(0, int(cx - radius_max)), min(S, int(cx + radius_max) + 1)
+        yy, xx = np.mgrid[r0:r1, c0:c1].astype(np.float64)
+        theta = np.arctan2(yy - cy, xx - cx) + rng.uniform(0, np.pi)
+        radius = np.hypot(yy - cy, xx - cx)
+        star = 0.5 + 0.5 * np.tanh(4 * np.sin(spokes * theta))
+        rings = (np.floor(radius / rng.uniform(radius_max / 5, radius_max / 2.5)) % 2) * 0.4
+        value = np.clip(star * (radius > 2) + rings * (star < 0.5), 0, 1) * (radius <= radius_max)
+        np.maximum(out[r0:r1, c0:c1], value, out=out[r0:r1, c0:c1])
+    return _normalise(ndimage.gaussian_filter(out, 0.7))
+
+
+def make_large_object(cfg: SimulationConfig, rng: np.random.Generator) -> np.ndarray:
+    """Like :func:`make_object` but in ``O(S² log S)``: ``(S, S) complex64``, amplitude in [amplitude_min, 1].
+
+    Large-sigma filters run by FFT and lines/stars are stamped locally, so a
+    several-thousand-pixel object takes seconds, not hours. The mosaic of
+    families varies on the scale of a few patterns (``3 N``), not of the object.
+    """
+    S, N = cfg.object_size_px, cfg.N
+    families = list(cfg.object_families)
+
+    def family_map(name: str) -> np.ndarray:
+        if name == "lines":
+            return _stamp_lines(S, N, rng)
+        if name == "siemens":
+            return _stamp_stars(S, N, rng)
+        return _normalise(_fft_smooth(rng.standard_normal((S, S)), rng.uniform(2.0, 8.0)))
+
+    maps_amp = [family_map(f) for f in families]
+    maps_phase = [0.5 * m + 0.5 * family_map(f) for m, f in zip(maps_amp, families)]
+    if len(families) == 1:
+        weights = [np.ones((S, S))]
+    else:
+        logits = np.stack([_fft_smooth(rng.standard_normal((S, S)), min(S / 6, 3 * N)) for _ in families])
+        logits = 8 * logits / (logits.std() + 1e-12)
+        w = np.exp(logits - logits.max(axis=0))
+        weights = list(w / w.sum(axis=0))
+        del logits, w
+    t_amp = _normalise(sum(w * m for w, m in zip(weights, maps_amp)))
+    t_phase = _normalise(sum(w * m for w, m in zip(weights, maps_phase)))
+    amplitude = 1.0 - (1.0 - cfg.amplitude_min) * t_amp
+    phase = cfg.phase_range_rad * (t_phase - 0.5)
+    return (amplitude * np.exp(1j * phase)).astype(np.complex64)
+
+
+def large_scan_geometry(cfg: SimulationConfig, n_patterns: int) -> tuple[int, int]:
+    """``(object side S, raster side k)`` for a row-major raster of ``n_patterns`` at ``cfg.step_px``."""
+    if n_patterns < 1:
+        raise PtychoInputError(f"simulate_large_scan: n_patterns: found {n_patterns}, expected >= 1")
+    k = math.ceil(math.sqrt(n_patterns))
+    S = math.ceil(cfg.step_px * (k - 1) + cfg.N + 2 * cfg.jitter_px) + 2
+    return S, k
+
+
+def simulate_large_scan(path: str | Path, cfg: SimulationConfig, n_patterns: int, chunk: int = 4096) -> Path:
+    """Write a raster scan of exactly ``n_patterns`` as PtychoPINN NPZ, memory bounded by ``chunk`` patterns.
+
+    The object side is chosen so the raster (``ceil(sqrt(n))`` positions a
+    side at ``cfg.step_px``, filled row by row) fits with the patch and jitter
+    margins; ``cfg.object_size_px`` is ignored. Diffraction is simulated and
+    written ``chunk`` patterns at a time (each chunk with its own seeded
+    generator, so the file does not depend on anything but ``cfg``,
+    ``n_patterns`` and ``chunk``). Keys as :func:`write_simulated`:
+    ``diffraction (M, N, N) float32``, ``probeGuess``, ``xcoords``,
+    ``ycoords``, ``objectGuess``, ``scan_index``, ``metadata``.
+    """
+    from .data.npz import write_npz  # local: data imports nothing from simulate
+
+    if chunk < 1:
+        raise PtychoInputError(f"simulate_large_scan: chunk: found {chunk}, expected >= 1")
+    S, k = large_scan_geometry(cfg, n_patterns)
+    cfg = cfg.replace(object_size_px=S)
+    rng = np.random.default_rng(cfg.seed)
+    obj = make_large_object(cfg, rng)
+    probe = make_probe(cfg)
+    N = cfg.N
+    axis = N / 2 + cfg.jitter_px + cfg.step_px * np.arange(k)
+    rows, cols = np.divmod(np.arange(n_patterns), k)
+    positions = np.stack([axis[cols], axis[rows]], axis=1)
+    positions = np.clip(positions + rng.uniform(-cfg.jitter_px, cfg.jitter_px, positions.shape), N / 2, S - N / 2 - 1)
+
+    def chunks():
+        for i, start in enumerate(range(0, n_patterns, chunk)):
+            chunk_rng = np.random.default_rng([cfg.seed, 1, i])
+            yield simulate_diffraction(obj, probe, positions[start:start + chunk], chunk_rng)
+
+    metadata = {"generator": "ptycho_ml.simulate.simulate_large_scan", "config": cfg.to_dict(),
+                "nphotons": cfg.nphotons, "seed": cfg.seed, "families": list(cfg.object_families),
+                "n_patterns": n_patterns, "chunk": chunk, "raster_side": k}
+    return write_npz(path, {
+        "probeGuess": probe,
+        "xcoords": positions[:, 0],
+        "ycoords": positions[:, 1],
+        "objectGuess": obj,
+        "scan_index": np.zeros(n_patterns, np.int64),
+        "metadata": np.array(json.dumps(metadata, sort_keys=True)),
+    }, chunked={"diffraction": ((n_patterns, N, N), np.float32, chunks)})

@@ -36,7 +36,9 @@ def s3_client():
     except ImportError:  # pragma: no cover - boto3 is a runtime dependency
         raise PtychoInputError("s3:// paths need boto3: pip install 'ptycho_ml[s3]'") from None
     endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None
-    return boto3.client("s3", endpoint_url=endpoint)
+    # A fresh session each time: boto3's default session caches the credentials it first resolved,
+    # so a long-lived process would never see credentials rotated, added or removed afterwards.
+    return boto3.session.Session().client("s3", endpoint_url=endpoint)
 
 
 def _s3_error(uri: str, exc: Exception) -> PtychoInputError:

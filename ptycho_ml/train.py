@@ -243,8 +243,10 @@ def train(config: TrainingConfig, callbacks: list | None = None, loggers: list |
             raise PtychoInputError(f"{resume}: cannot resume from this checkpoint ({str(exc).splitlines()[0]}), expected a checkpoint of the same model and data") from None
         raise
 
+    if trainer.global_rank != 0:  # under DDP only rank 0 evaluates and writes the bundle
+        return TrainResult(output_dir / "wts.h5.zip", module.model, history, {}, amplitude_scale, len(train_groups),
+                           len(val_groups), time.perf_counter() - t_start, {}, test_scan)
     # Best validation weights (when a checkpoint was written), else the final ones.
-    model = module.model
     if checkpoint.best_model_path and Path(checkpoint.best_model_path).is_file():
         state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)
