@@ -39,6 +39,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -78,20 +79,43 @@ def cli_command() -> list[str]:
     return [found] if found else [sys.executable, "-m", "ptycho_ml.cli"]
 
 
+def _sample_rss(pid: int, peaks: dict, stop: threading.Event, every_s: float = 0.2) -> None:
+    """Track the largest RssAnon (private memory) and RssFile (mapped file pages, e.g. a memory-mapped
+    scan; the kernel can drop them, but ru_maxrss counts them) seen in /proc/PID/status."""
+    while not stop.is_set():
+        try:
+            with open(f"/proc/{pid}/status") as fh:
+                for line in fh:
+                    key, _, value = line.partition(":")
+                    if key in ("RssAnon", "RssFile"):
+                        peaks[key] = max(peaks.get(key, 0), int(value.split()[0]) / 1024)
+        except (OSError, ValueError):
+            return
+        stop.wait(every_s)
+
+
 def run_measured(cmd: list[str], log: Path, env: dict | None = None) -> dict:
-    """Run ``cmd`` in a fresh process; return wall time, its own peak RSS (MB) and its stdout."""
+    """Run ``cmd`` in a fresh process; return wall time, its own peak RSS (MB), sampled peaks of its
+    anonymous and file-backed RSS (MB) and its stdout."""
     print("$ " + shlex.join(cmd), flush=True)
     t0 = time.perf_counter()
+    peaks: dict = {}
+    stop = threading.Event()
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=fh, text=True, env=env)
+        sampler = threading.Thread(target=_sample_rss, args=(proc.pid, peaks, stop), daemon=True)
+        sampler.start()
         stdout = proc.stdout.read()
+        stop.set()
+        sampler.join()
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         proc.stdout.close()
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"command failed ({proc.returncode}); stderr in {log}:\n{log.read_text()[-2000:]}")
-    return {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "stdout": stdout}  # Linux: ru_maxrss in KiB
+    return {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "stdout": stdout,  # Linux: ru_maxrss in KiB
+            "peak_anon_mb": peaks.get("RssAnon", float("nan")), "peak_file_mb": peaks.get("RssFile", float("nan"))}
 
 
 def make_scan(path: Path, n: int, N: int, seed: int, log: Path) -> None:
@@ -151,14 +175,16 @@ def main(argv: list[str] | None = None) -> None:
                                 "--batch-size", str(args.batch_size)], work / f"reconstruct_{label}.log")
         summary = json.loads((out / "summary.json").read_text())
         return {"run": f"streaming {label}", "n": summary["n_patterns"], "wall_s": r["wall_s"],
-                "network_s": summary["timings_s"]["network_s"], "peak_rss_mb": r["peak_rss_mb"]}
+                "network_s": summary["timings_s"]["network_s"], "peak_rss_mb": r["peak_rss_mb"],
+                "peak_anon_mb": r["peak_anon_mb"], "peak_file_mb": r["peak_file_mb"]}
 
     def in_memory() -> dict:
         r = run_measured([sys.executable, str(snippet), bundle, str(scans["small"]), str(args.threads), str(args.batch_size)],
                          work / "inmemory.log")
         res = json.loads([ln for ln in r["stdout"].splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
         return {"run": "in-memory small", "n": res["n_patterns"], "wall_s": r["wall_s"], "network_s": res["network_s"],
-                "peak_rss_mb": r["peak_rss_mb"], "note": f"load into RAM {res['load_s']:.1f} s, {res['in_ram_mb']:.0f} MB"}
+                "peak_rss_mb": r["peak_rss_mb"], "peak_anon_mb": r["peak_anon_mb"], "peak_file_mb": r["peak_file_mb"],
+                "note": f"load into RAM {res['load_s']:.1f} s, {res['in_ram_mb']:.0f} MB"}
 
     # The small runs alternate (streaming, in-memory) --repeats times and the fastest of each is kept:
     # on a shared machine a single pair is at the mercy of whatever else runs at that moment.
@@ -173,17 +199,22 @@ def main(argv: list[str] | None = None) -> None:
                 "best of net s " + "/".join(f"{r['network_s']:.1f}" for r in runs)
 
     print()
-    print(f"{'run':<18}{'patterns':>10}{'wall s':>9}{'net s':>9}{'pat/s net':>11}{'pat/s wall':>12}{'peak RSS MB':>13}")
+    print(f"{'run':<18}{'patterns':>10}{'wall s':>9}{'net s':>9}{'pat/s net':>11}{'pat/s wall':>12}{'peak RSS MB':>13}"
+          f"{'anon MB':>9}{'file MB':>9}")
     for row in rows:
         print(f"{row['run']:<18}{row['n']:>10}{row['wall_s']:>9.1f}{row['network_s']:>9.1f}"
               f"{row['n'] / row['network_s']:>11.0f}{row['n'] / row['wall_s']:>12.0f}{row['peak_rss_mb']:>13.0f}"
+              f"{row['peak_anon_mb']:>9.0f}{row['peak_file_mb']:>9.0f}"
               + (f"   ({row['note']})" if row.get("note") else ""))
+    print("peak RSS = ru_maxrss of the process; anon/file = sampled peaks of RssAnon (private memory) and "
+          "RssFile (mapped file pages, reclaimable) from /proc/PID/status")
     small, large, mem = rows
     rss_ratio = large["peak_rss_mb"] / small["peak_rss_mb"]
     thr_small = (small["n"] / small["network_s"]) / (mem["n"] / mem["network_s"])
     thr_large = (large["n"] / large["network_s"]) / (mem["n"] / mem["network_s"])
     print()
-    print(f"peak RSS large/small: {rss_ratio:.2f}  (goal <= 1.2: {'met' if rss_ratio <= 1.2 else 'NOT met'})")
+    print(f"peak RSS large/small: {rss_ratio:.2f}  (goal <= 1.2: {'met' if rss_ratio <= 1.2 else 'NOT met'}); "
+          f"private (anon) only: {large['peak_anon_mb'] / small['peak_anon_mb']:.2f}")
     print(f"throughput streaming/in-memory (network phase): small {thr_small:.2f}, large {thr_large:.2f}  "
           f"(goal >= 0.9: {'met' if min(thr_small, thr_large) >= 0.9 else 'NOT met'})")
     (work / "results.json").write_text(json.dumps({"rows": rows, "rss_ratio": rss_ratio, "throughput_ratio_small": thr_small,

@@ -181,7 +181,7 @@ class ModelConfig(ConfigBase):
 
     preset: Literal["cpu", "gpu", "tiny", "custom"] = "cpu"
     N: int = 64
-    gridsize: int = 1
+    gridsize: int = 2
     widths: tuple[int, ...] = ()
     blocks_per_level: int = 0
     amplitude_max: float = 1.5
@@ -218,7 +218,7 @@ class TrainingConfig(ConfigBase):
     output_dir: str = "outputs/train"
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: Literal["poisson", "mae", "supervised"] = "poisson"
-    epochs: int = 30
+    epochs: int = 10
     batch_size: int = 32
     learning_rate: float = 2e-3
     weight_decay: float = 0.0
@@ -259,7 +259,7 @@ class InferenceConfig(ConfigBase):
     """Reconstruction settings shared by the batch CLI and the pyfunc model."""
 
     batch_size: int = 256
-    refine_steps: int = 50
+    refine_steps: int = 30
     refine_method: Literal["object", "finetune"] = "object"
     finetune_epochs: int = 3
     threads: int = 0

@@ -80,8 +80,8 @@ def cli() -> None:
 @click.option("--backend", default="torch", show_default=True)
 @click.option("--data", default="")
 @click.option("--test-data", default="")
-@click.option("--epochs", default=30, type=int)
-@click.option("--gridsize", default=1, type=int)
+@click.option("--epochs", default=10, type=int)
+@click.option("--gridsize", default=2, type=int)
 @click.option("--preset", default="cpu")
 @click.option("--seed", default=0, type=int)
 @click.option("--register-as", default="ptychopinn")
@@ -162,7 +162,7 @@ def simulate(out_dir, N, seed):
 @cli.command()
 @click.option("--model-uri", required=True)
 @click.option("--data", required=True)
-@click.option("--refine-steps", default=50, type=int)
+@click.option("--refine-steps", default=30, type=int)
 def evaluate(model_uri, data, refine_steps):
     """Evaluate a registered/logged model on a scan with ground truth; logs the metrics."""
     import mlflow
@@ -186,7 +186,7 @@ def evaluate(model_uri, data, refine_steps):
 @click.option("--model-uri", required=True)
 @click.option("--data", required=True)
 @click.option("--out", "out_dir", default="outputs/reconstruction")
-@click.option("--refine-steps", default=50, type=int)
+@click.option("--refine-steps", default=30, type=int)
 def reconstruct(model_uri, data, out_dir, refine_steps):
     """Reconstruct a scan with a model from the registry; logs the outputs as artifacts."""
     import mlflow

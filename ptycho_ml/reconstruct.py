@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .config import InferenceConfig, available_cpu_threads
-from .data.grouping import make_groups
+from .data.grouping import make_groups, partition_groups
 from .data.scan import ScanData
 from .errors import PtychoInputError
 from .network import DiffractionToObject, intensity_of
@@ -84,26 +84,27 @@ def network_object(model: DiffractionToObject, scan: ScanData, batch_size: int =
                    progress: bool = False, probe: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run every pattern through the network and stitch: returns ``(obj (H, W) complex64, illumination (H, W))``.
 
-    For gridsize > 1 models each pattern is the anchor of a group of its
-    nearest neighbours and the anchor's patch is kept.
+    For gridsize > 1 models the scan is covered by groups of near
+    neighbours (:func:`~ptycho_ml.data.grouping.partition_groups`), so each
+    pattern goes through the network about once.
     """
     check_compatible(model, scan)
     C = model.cfg.gridsize**2
     positions = np.asarray(scan.positions_px, dtype=np.float32)
-    groups = make_groups(scan.positions_px, model.cfg.gridsize, seed=0)[0] if C > 1 else None
+    groups, owned = partition_groups(scan.positions_px, model.cfg.gridsize)
     probe = inference_probe(model, scan) if probe is None else probe
     stitcher = Stitcher(scan.obj_shape, intensity_of(probe))
+    group_batch = max(1, batch_size // C)
     with _progress(len(scan), "reconstruct", progress) as bar, torch.inference_mode():
-        for start in range(0, len(scan), batch_size):
-            sl = slice(start, min(start + batch_size, len(scan)))
-            if groups is None:
-                amp = torch.from_numpy(scan.amplitude(sl))[:, None]
+        for start in range(0, len(groups), group_batch):
+            members, keep = groups[start:start + group_batch], owned[start:start + group_batch]
+            if C == 1:  # contiguous reads
+                amp = torch.from_numpy(scan.amplitude(slice(int(members[0, 0]), int(members[-1, 0]) + 1)))[:, None]
             else:
-                members = groups[sl]
                 amp = torch.from_numpy(scan.amplitude(members.reshape(-1))).view(len(members), C, scan.N, scan.N)
-            patches = model(amp, probe)[:, 0]
-            stitcher.add(patches, torch.from_numpy(positions[sl]))
-            bar.update(sl.stop - sl.start)
+            patches = model(amp, probe)[torch.from_numpy(keep)]
+            stitcher.add(patches, torch.from_numpy(positions[members[keep]]))
+            bar.update(int(keep.sum()))
     return stitcher.result(), stitcher.illumination()
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from ptycho_ml import simulate
 from ptycho_ml.data import IntensityWarning, load_scan
-from ptycho_ml.data.grouping import make_groups, split_indices
+from ptycho_ml.data.grouping import make_groups, partition_groups, split_indices
 from ptycho_ml.data.npz import write_npz
 from ptycho_ml.errors import PtychoInputError
 
@@ -218,3 +218,13 @@ def test_split_is_seeded_and_disjoint(tiny_scan, mode):
     if mode == "spatial":  # a band along one axis: validation lies beyond a threshold
         axis_sep = [pos[va, a].max() <= pos[tr, a].min() or pos[va, a].min() >= pos[tr, a].max() for a in (0, 1)]
         assert any(axis_sep)
+
+
+@pytest.mark.parametrize("gridsize", [1, 2, 3])
+def test_partition_owns_every_position_exactly_once(tiny_scan, gridsize):
+    pos = tiny_scan.positions_px
+    groups, owned = partition_groups(pos, gridsize)
+    assert groups.shape[1] == gridsize**2
+    assert np.array_equal(np.sort(groups[owned]), np.arange(len(pos)))
+    spread = np.ptp(pos[groups], axis=1).max()
+    assert spread < 6 * gridsize * 5.0

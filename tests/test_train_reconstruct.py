@@ -40,7 +40,7 @@ def test_training_writes_one_bundle_with_scale_and_metrics(trained):
 
 
 def test_reloaded_model_gives_bit_identical_outputs(trained, tmp_path):
-    amp = torch.rand(3, 1, 32, 32) * 20
+    amp = torch.rand(3, trained.model.cfg.gridsize**2, 32, 32) * 20
     with torch.no_grad():
         before = trained.model(amp)
     path = save_model_bundle(trained.model, tmp_path / "copy.wts.h5.zip")
@@ -70,12 +70,16 @@ def test_resume_from_a_missing_checkpoint_is_a_clear_error(tmp_path, tiny_npz):
         train(_config(tmp_path, tiny_npz, resume=str(tmp_path / "nope.ckpt")))
 
 
-def test_gridsize_two_trains_with_the_overlap_constraint(tmp_path, tiny_npz):
-    result = train(_config(tmp_path, tiny_npz, epochs=1, model={"preset": "tiny", "N": 32, "gridsize": 2}))
-    assert result.model.cfg.gridsize == 2
+@pytest.mark.parametrize("gridsize", [1, 2])
+def test_both_gridsizes_train_and_reconstruct_every_pattern_once(tmp_path, tiny_npz, gridsize):
+    result = train(_config(tmp_path, tiny_npz, epochs=1, model={"preset": "tiny", "N": 32, "gridsize": gridsize}))
+    assert result.model.cfg.gridsize == gridsize
     scan = load_scan(tiny_npz)
-    obj, _ = network_object(result.model, scan)
+    obj, illumination = network_object(result.model, scan, batch_size=9)
     assert obj.shape == scan.obj_shape and torch.isfinite(obj).all()
+    expected = physics.insert_patches((torch.from_numpy(scan.probe).abs() ** 2).expand(len(scan), 32, 32),
+                                      torch.from_numpy(scan.positions_px.astype(np.float32)), scan.obj_shape)
+    assert torch.allclose(illumination, expected, rtol=1e-4)
 
 
 def test_supervised_baseline_trains(tmp_path, tiny_npz):
@@ -154,7 +158,7 @@ def test_probe_on_another_scale_is_rescaled_with_a_warning(trained, tiny_test_np
 
 
 def test_untrained_generator_returns_the_physics_estimate():
-    cfg = ModelConfig(preset="tiny", N=32)
+    cfg = ModelConfig(preset="tiny", N=32, gridsize=1)
     probe = torch.ones(32, 32, dtype=torch.complex64)
     model = DiffractionToObject(cfg, probe, 1.0)
     amp = physics.far_field_amplitude(probe, torch.ones(2, 1, 32, 32, dtype=torch.complex64))

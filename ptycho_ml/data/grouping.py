@@ -63,3 +63,35 @@ def split_indices(positions_px: np.ndarray, val_fraction: float, seed: int, mode
     mask = np.zeros(M, bool)
     mask[val] = True
     return np.flatnonzero(~mask), np.flatnonzero(mask)
+
+
+def partition_groups(positions_px: np.ndarray, gridsize: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cover every position once with groups of C = gridsize² near neighbours (for inference).
+
+    Greedy, in scan order: each not-yet-covered position takes its nearest
+    not-yet-covered neighbours; where too few are left nearby, already
+    covered neighbours fill the group without being owned by it. Returns
+    ``groups (G, C) int64`` and ``owned (G, C) bool`` (True where this group's
+    prediction is the one used for that position); every position is owned
+    exactly once, so the network runs about once per pattern.
+    """
+    C = gridsize * gridsize
+    M = len(positions_px)
+    if C == 1:
+        return np.arange(M, dtype=np.int64)[:, None], np.ones((M, 1), bool)
+    if M < C:
+        raise PtychoInputError(f"gridsize={gridsize}: found {M} positions, expected at least C={C} to form a group")
+    k = min(M, 4 * C)
+    _, nn = cKDTree(positions_px).query(positions_px, k=k)
+    nn = np.asarray(nn).reshape(M, k)
+    covered = np.zeros(M, bool)
+    groups, owned = [], []
+    for i in range(M):
+        if covered[i]:
+            continue
+        free = [j for j in nn[i] if not covered[j]][:C]
+        members = free + [j for j in nn[i] if j not in free][: C - len(free)]
+        covered[free] = True
+        groups.append(members)
+        owned.append([m in free for m in members])
+    return np.asarray(groups, np.int64), np.asarray(owned, bool)
