@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> None:
     need_gb = 4 * args.N**2 * (args.small + args.large) / 1e9
     free_gb = shutil.disk_usage(work).free / 1e9
     print(f"# workdir {work}: {free_gb:.1f} GB free, scans need {need_gb:.1f} GB", flush=True)
-    if free_gb < need_gb * 1.05 and not all((work / f"scan_{n}.npz").exists() for n in (args.small, args.large)):
+    scans = {label: work / f"scan_{n}_N{args.N}.npz" for label, n in (("small", args.small), ("large", args.large))}
+    if free_gb < need_gb * 1.05 and not all(p.exists() for p in scans.values()):
         raise SystemExit(f"not enough disk in {work}: {free_gb:.1f} GB free, {need_gb:.1f} GB needed")
 
     bundle = args.bundle
@@ -159,9 +160,7 @@ def main(argv: list[str] | None = None) -> None:
             run_measured(cli + ["train", "--preset", "tiny", "--epochs", "1", "--quiet", "--threads", str(args.threads),
                                 "--out", str(work / "model")], work / "train.log")
 
-    scans = {}
     for label, n in (("small", args.small), ("large", args.large)):
-        scans[label] = work / f"scan_{n}_N{args.N}.npz"
         make_scan(scans[label], n, args.N, args.seed, work / f"simulate_{label}.log")
 
     snippet = work / "inmemory.py"

@@ -73,7 +73,7 @@ def main() -> None:
     else:
         model = DiffractionToObject(ModelConfig(preset="cpu"), torch.from_numpy(scan.probe), 1.0).eval()
     with mlflow.start_run():
-        info = flavor.log_model(model, name="model", registered_model_name="bench")
+        flavor.log_model(model, name="model", registered_model_name="bench")
     uri = "models:/bench/1"
 
     pyfunc = mlflow.pyfunc.load_model(uri)

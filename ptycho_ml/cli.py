@@ -237,6 +237,9 @@ def convert(input_path, product, target, out):
     _warnings_to_stderr()
     scan = load_scan(input_path, product=product)
     if target == "ptychodus":
+        existing = [n for n in ("diffraction.h5", "product.h5") if not is_s3(out) and (Path(out) / n).exists()]
+        if existing:
+            raise PtychoInputError(f"--out: '{out}' already holds {existing}, expected a new or empty directory (nothing was overwritten)")
         with OutputLocation(out) as loc:
             written = npz_to_ptychodus(scan, loc.path)
             names = [loc.describe(Path(p).name) for p in written]

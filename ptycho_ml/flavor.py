@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 import yaml
 
-import mlflow
 from mlflow import pyfunc
 from mlflow.exceptions import INVALID_PARAMETER_VALUE, MlflowException
 from mlflow.models import Model, ModelSignature

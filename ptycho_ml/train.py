@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from . import metrics as metrics_mod
-from .config import InferenceConfig, ModelConfig, TrainingConfig
+from .config import InferenceConfig, TrainingConfig
 from .data.grouping import make_groups, split_indices
 from .data.readers import load_scan
 from .data.scan import ScanData

@@ -94,3 +94,37 @@ def test_end_to_end_train_reconstruct_evaluate(runner, tmp_path, tiny_npz, tiny_
 
     result = runner.invoke(main, ["inspect", str(bundle)])
     assert result.exit_code == 0 and '"diffraction_to_obj"' in result.output
+
+
+def test_convert_both_ways_and_refuse_to_overwrite(runner, tmp_path, tiny_npz):
+    out = tmp_path / "ptychodus"
+    result = runner.invoke(main, ["convert", "--input", str(tiny_npz), "--to", "ptychodus", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "diffraction.h5").is_file() and (out / "product.h5").is_file()
+    before = (out / "product.h5").read_bytes()
+    again = runner.invoke(main, ["convert", "--input", str(tiny_npz), "--to", "ptychodus", "--out", str(out)])
+    assert again.exit_code == 2 and "nothing was overwritten" in again.output
+    assert (out / "product.h5").read_bytes() == before
+    back = tmp_path / "back.npz"
+    result = runner.invoke(main, ["convert", "--input", str(out / "diffraction.h5"), "--to", "npz", "--out", str(back)])
+    assert result.exit_code == 0, result.output
+    with np.load(back) as f, np.load(tiny_npz) as g:
+        assert np.allclose(f["diffraction"], g["diffraction"], atol=0.5)
+        assert np.allclose(f["xcoords"], g["xcoords"], atol=1e-6)
+
+
+def test_mlflow_entry_rejects_other_backends_before_any_work():
+    from ptycho_ml.mlflow_entry import cli
+
+    result = CliRunner().invoke(cli, ["train", "--backend", "tensorflow"])
+    assert result.exit_code == 2
+    assert "backend: found 'tensorflow', expected one of the supported backends: torch" in result.output
+
+
+def test_config_params_are_flattened_with_a_prefix():
+    from ptycho_ml.config import TrainingConfig
+    from ptycho_ml.mlflow_entry import flatten_params
+
+    params = flatten_params(TrainingConfig().to_dict())
+    assert params["cfg.model.gridsize"] == "2" and params["cfg.epochs"] == "10"
+    assert all(k.startswith("cfg.") for k in params)

@@ -5,7 +5,6 @@ A temporary sqlite tracking store, real subprocesses, real HTTP on 127.0.0.1.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import socket

@@ -206,7 +206,7 @@ def _assert_one_line_error(result, *fragments: str) -> None:
         assert fragment in lines[0], lines[0]
 
 
-def _cached_partials(s3) -> list[Path]:
+def _cached_partials() -> list[Path]:
     cache = Path(os.environ["PTYCHO_ML_CACHE"])
     return list(cache.glob(".dl-*")) if cache.exists() else []
 
@@ -224,7 +224,7 @@ def test_missing_bucket_is_a_one_line_error(uploaded, trained_bundle, tmp_path):
                    "--out", "s3://no-such-bucket/results", "--refine-steps", "0", "--quiet"])
     _assert_one_line_error(result, "s3://no-such-bucket/results/", "does not exist")
     assert _keys(uploaded["client"]) == before
-    assert not _cached_partials(uploaded)
+    assert not _cached_partials()
 
 
 def test_missing_key_is_a_one_line_error(uploaded, trained_bundle):
@@ -236,7 +236,7 @@ def test_missing_key_is_a_one_line_error(uploaded, trained_bundle):
                    "--out", f"s3://{BUCKET}/results/missing", "--refine-steps", "0", "--quiet"])
     _assert_one_line_error(result, f"s3://{BUCKET}/models/nope.h5.zip", "no such key")
     assert _keys(uploaded["client"]) == before
-    assert not _cached_partials(uploaded)
+    assert not _cached_partials()
 
 
 def test_no_credentials_is_a_one_line_error(uploaded, trained_bundle, tmp_path, monkeypatch):
