@@ -23,7 +23,7 @@ def physics_step(model: DiffractionToObject, amplitude: torch.Tensor, offsets_px
     predicted patches are merged in a shared canvas and re-extracted (the
     overlap constraint) before the forward model.
     """
-    patches = model(amplitude)
+    patches = model(amplitude, good_pixels=good_pixels)
     if patches.shape[1] > 1:
         patches = physics.merge_group(patches, offsets_px, model.probe_intensity())
     if loss_kind == "supervised":

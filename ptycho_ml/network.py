@@ -119,16 +119,18 @@ class DiffractionToObject(nn.Module):
         self.register_buffer("amplitude_scale", torch.tensor(float(amplitude_scale), dtype=torch.float32))
         self.register_buffer("probe", probe.to(torch.complex64).clone())
 
-    def forward(self, amplitude: torch.Tensor, probe: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, amplitude: torch.Tensor, probe: torch.Tensor | None = None,
+                good_pixels: torch.Tensor | None = None) -> torch.Tensor:
         """amplitude ``(B, C, N, N)`` float32 (counts scale) -> object patches ``(B, C, N, N)`` complex64.
 
         ``probe`` ``(N, N)``/``(K, N, N)``: the scan's own probe when it has
         one (the estimate is then in object units whatever the dose);
-        default: the training probe.
+        default: the training probe. ``good_pixels (N, N)`` bool masks bad
+        detector pixels out of the physics estimate.
         """
         probe = self.probe if probe is None else probe
         with torch.no_grad():  # physics features: no learnable parameters, no gradient needed
-            estimate = physics.single_pattern_estimate(amplitude, probe, self.cfg.input_iterations)
+            estimate = physics.single_pattern_estimate(amplitude, probe, self.cfg.input_iterations, good_pixels)
         weight = intensity_of(probe) / intensity_of(probe).max()
         features = torch.cat([estimate.real, estimate.imag, weight.expand(amplitude.shape[0], 1, *weight.shape)], dim=1)
         log_gain, phase_shift = self.generator(features)

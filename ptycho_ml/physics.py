@@ -252,14 +252,16 @@ def merge_group(patches: torch.Tensor, offsets_px: torch.Tensor, weight: torch.T
 # Per-pattern physics features for the network
 
 
-def single_pattern_estimate(amplitude: torch.Tensor, probe: torch.Tensor, iterations: int) -> torch.Tensor:
+def single_pattern_estimate(amplitude: torch.Tensor, probe: torch.Tensor, iterations: int,
+                            good_pixels: torch.Tensor | None = None) -> torch.Tensor:
     """Object patch estimate from each pattern alone: a few error-reduction steps from a flat object.
 
     amplitude ``(..., N, N)`` measured amplitudes (counts scale); probe
     ``(N, N)`` complex (for a multi-mode probe the first mode is used).
     Each step replaces the far-field modulus by the measurement and updates
     the object by the probe-weighted exit-wave change (ePIE with step 1, on
-    one pattern). Returns ``(..., N, N)`` complex64. It turns the Fourier
+    one pattern). ``good_pixels (N, N)`` bool: bad detector pixels keep the
+    predicted modulus (they measured nothing). Returns ``(..., N, N)`` complex64. It turns the Fourier
     inversion the network would otherwise have to learn into a real-space
     image-to-image correction.
     """
@@ -270,6 +272,7 @@ def single_pattern_estimate(amplitude: torch.Tensor, probe: torch.Tensor, iterat
     for _ in range(iterations):
         exit_wave = probe * obj
         far = propagate_far_field(exit_wave)
-        far = far * (amplitude / far.abs().clamp(min=1e-6))
+        replaced = far * (amplitude / far.abs().clamp(min=1e-6))
+        far = replaced if good_pixels is None else torch.where(good_pixels, replaced, far)
         obj = obj + step * (propagate_back(far) - exit_wave)
     return obj

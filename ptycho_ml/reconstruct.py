@@ -94,6 +94,7 @@ def network_object(model: DiffractionToObject, scan: ScanData, batch_size: int =
     groups, owned = partition_groups(scan.positions_px, model.cfg.gridsize)
     probe = inference_probe(model, scan) if probe is None else probe
     stitcher = Stitcher(scan.obj_shape, intensity_of(probe))
+    good = None if scan.good_pixels is None else torch.from_numpy(scan.good_pixels)
     group_batch = max(1, batch_size // C)
     with _progress(len(scan), "reconstruct", progress) as bar, torch.inference_mode():
         for start in range(0, len(groups), group_batch):
@@ -102,7 +103,7 @@ def network_object(model: DiffractionToObject, scan: ScanData, batch_size: int =
                 amp = torch.from_numpy(scan.amplitude(slice(int(members[0, 0]), int(members[-1, 0]) + 1)))[:, None]
             else:
                 amp = torch.from_numpy(scan.amplitude(members.reshape(-1))).view(len(members), C, scan.N, scan.N)
-            patches = model(amp, probe)[torch.from_numpy(keep)]
+            patches = model(amp, probe, good)[torch.from_numpy(keep)]
             stitcher.add(patches, torch.from_numpy(positions[members[keep]]))
             bar.update(int(keep.sum()))
     return stitcher.result(), stitcher.illumination()

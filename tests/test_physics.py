@@ -152,3 +152,16 @@ def test_angular_spectrum_conserves_energy_and_reverses():
     back = physics.angular_spectrum_propagate(out, -1e-4, 1.4e-10, 2e-8)
     assert torch.allclose(out.abs().square().sum(), field.abs().square().sum(), rtol=1e-6)
     assert torch.allclose(back, field, atol=1e-8)
+
+
+def test_bad_pixels_do_not_enter_the_single_pattern_estimate():
+    probe = _complex(16, 16, seed=15)
+    amplitude = physics.far_field_amplitude(probe, _complex(2, 16, 16, seed=16))
+    good = torch.ones(16, 16, dtype=torch.bool)
+    good[3:6, 4:9] = False
+    corrupted = amplitude.clone()
+    corrupted[:, 3:6, 4:9] = 1e4  # hot pixels
+    masked = physics.single_pattern_estimate(corrupted, probe, 3, good)
+    clean = physics.single_pattern_estimate(amplitude, probe, 3, good)
+    assert torch.allclose(masked, clean, atol=1e-4)
+    assert not torch.allclose(physics.single_pattern_estimate(corrupted, probe, 3), clean, atol=1e-2)
