@@ -23,8 +23,9 @@ Usage::
     python benchmarks/large_scan.py [--small 20000] [--large 200000] [--N 64] \\
         [--workdir /tmp/ptycho_large] [--bundle wts.h5.zip] [--threads 1] [--batch-size 256]
 
-Without ``--bundle`` a tiny model is trained for one epoch on the embedded
-default data (``ptycho-ml train --preset tiny --epochs 1``) into WORKDIR/model.
+Without ``--bundle`` a model is trained for one epoch on the embedded default
+data (``ptycho-ml train --preset tiny --gridsize 2 --epochs 1``, see ``--preset``/``--gridsize``)
+into WORKDIR/model_PRESET_gGRIDSIZE (reused when present).
 Every command run is printed. Disk: 4·N²·M bytes per scan (200,000 × 64² ≈ 3.3 GB).
 The page cache is left alone (other users share the machine), so reads are
 usually warm: the scans were just written.
@@ -137,6 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--N", type=int, default=64, help="pattern size")
     ap.add_argument("--workdir", default="/tmp/ptycho_large")
     ap.add_argument("--bundle", default="", help="wts.h5.zip (default: train a tiny model for 1 epoch)")
+    ap.add_argument("--preset", default="tiny", help="model preset when training the default model")
+    ap.add_argument("--gridsize", type=int, default=2, help="gridsize when training the default model")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--seed", type=int, default=7)
@@ -155,10 +158,12 @@ def main(argv: list[str] | None = None) -> None:
 
     bundle = args.bundle
     if not bundle:
-        bundle = str(work / "model" / "wts.h5.zip")
+        model_dir = work / f"model_{args.preset}_g{args.gridsize}"
+        bundle = str(model_dir / "wts.h5.zip")
         if not Path(bundle).exists():
-            run_measured(cli + ["train", "--preset", "tiny", "--epochs", "1", "--quiet", "--threads", str(args.threads),
-                                "--out", str(work / "model")], work / "train.log")
+            run_measured(cli + ["train", "--preset", args.preset, "--gridsize", str(args.gridsize), "--epochs", "1",
+                                "--quiet", "--threads", str(args.threads), "--out", str(model_dir)], work / "train.log")
+    print(f"# model: {bundle}", flush=True)
 
     for label, n in (("small", args.small), ("large", args.large)):
         make_scan(scans[label], n, args.N, args.seed, work / f"simulate_{label}.log")

@@ -166,9 +166,11 @@ def _load_model(bundle, model_uri, name, stage, alias, model_version):
 @click.option("--refine-method", type=click.Choice(["object", "finetune"]), default="object", show_default=True)
 @click.option("--batch-size", default=256, show_default=True, type=int)
 @click.option("--threads", default=0, show_default=True, type=int)
+@click.option("--metrics/--no-metrics", default=True, show_default=True,
+              help="Score against the scan's ground truth (objectGuess) when it has one.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def reconstruct(bundle, model_uri, name, stage, alias, model_version, data, product, out_dir, refine_steps,
-                refine_method, batch_size, threads, quiet):
+                refine_method, batch_size, threads, metrics, quiet):
     """Reconstruct every pattern of a scan, stitch, refine; writes object.h5, PNGs and product.h5."""
     from .config import InferenceConfig
     from .data.readers import load_scan
@@ -182,7 +184,7 @@ def reconstruct(bundle, model_uri, name, stage, alias, model_version, data, prod
                                                        "progress": not quiet}.items() if v is not None})
     scan = load_scan(data, product=product)
     model, source = _load_model(bundle, model_uri, name, stage, alias, model_version)
-    summary = run_reconstruction(model, scan, cfg, out_dir, model_source=source)
+    summary = run_reconstruction(model, scan, cfg, out_dir, model_source=source, with_metrics=metrics)
     for line in summary["lines"]:
         click.echo(line)
 

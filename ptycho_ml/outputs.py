@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from .atomic import atomic_path
 
 
 def write_object_h5(path: str | Path, obj: np.ndarray, attrs: dict | None = None,
@@ -21,22 +21,14 @@ def write_object_h5(path: str | Path, obj: np.ndarray, attrs: dict | None = None
     import h5py
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as h5:
-            h5.create_dataset("object", data=obj.astype(np.complex64))
-            h5.create_dataset("amplitude", data=np.abs(obj).astype(np.float32))
-            h5.create_dataset("phase", data=np.angle(obj).astype(np.float32))
-            if illumination is not None:
-                h5.create_dataset("illumination", data=illumination.astype(np.float32))
-            for key, value in (attrs or {}).items():
-                h5.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
+        h5.create_dataset("object", data=obj.astype(np.complex64))
+        h5.create_dataset("amplitude", data=np.abs(obj).astype(np.float32))
+        h5.create_dataset("phase", data=np.angle(obj).astype(np.float32))
+        if illumination is not None:
+            h5.create_dataset("illumination", data=illumination.astype(np.float32))
+        for key, value in (attrs or {}).items():
+            h5.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
     return path
 
 

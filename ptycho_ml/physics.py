@@ -79,12 +79,15 @@ def extract_patches(obj: torch.Tensor, positions_px: torch.Tensor, N: int) -> to
     return patches[0] if single else patches
 
 
-def insert_patches(patches: torch.Tensor, positions_px: torch.Tensor, obj_shape: tuple[int, int]) -> torch.Tensor:
+def insert_patches(patches: torch.Tensor, positions_px: torch.Tensor, obj_shape: tuple[int, int],
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """Adjoint of :func:`extract_patches`: scatter-add patches into an object canvas.
 
     patches: ``(P, N, N)`` or ``(G, P, N, N)``; positions_px ``(P, 2)`` / ``(G, P, 2)``.
     Returns ``(H, W)`` or ``(G, H, W)`` with the patches' dtype. Vectorised
-    (one ``index_add_``), no loop over patches.
+    (one ``index_add_``), no loop over patches. With ``out`` (a contiguous
+    canvas of that shape and dtype) the patches are added to it in place:
+    no canvas-sized temporary, whatever the object's size.
     """
     single = patches.ndim == 3
     if single:
@@ -105,9 +108,9 @@ def insert_patches(patches: torch.Tensor, positions_px: torch.Tensor, obj_shape:
     window = torch.cat([rows - q, q[..., :, -1:, :]], dim=-2)
     window[..., :, 1:N, :] += q[..., :, :-1, :]
     window = _from_real(window, patches.is_complex())
-    out = window.new_zeros(G * H * W)
-    out.index_add_(0, flat_idx.reshape(-1), window.reshape(-1))
-    out = out.reshape(G, H, W)
+    canvas = window.new_zeros(G * H * W) if out is None else out.view(-1)
+    canvas.index_add_(0, flat_idx.reshape(-1), window.reshape(-1))
+    out = canvas.reshape(G, H, W)
     return out[0] if single else out
 
 

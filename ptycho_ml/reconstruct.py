@@ -148,7 +148,7 @@ def reconstruct(model: DiffractionToObject, scan: ScanData, cfg: InferenceConfig
     t1 = time.perf_counter()
     obj, illumination = network_object(net_model, scan, cfg.batch_size, cfg.progress, probe)
     timings["network_s"] = time.perf_counter() - t1
-    network_obj = obj.clone()
+    network_obj = obj.clone() if cfg.refine_steps else obj  # no copy of a large object unless refinement changes it
     history: list[float] = []
     if cfg.refine_steps and cfg.refine_method == "object":
         t2 = time.perf_counter()

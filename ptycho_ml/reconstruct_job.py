@@ -15,23 +15,25 @@ from .storage import OutputLocation
 
 
 def run_reconstruction(model: DiffractionToObject, scan: ScanData, cfg: InferenceConfig, out: str,
-                       model_source: str = "") -> dict[str, Any]:
+                       model_source: str = "", with_metrics: bool = True) -> dict[str, Any]:
     """Reconstruct ``scan`` and write to ``out`` (a directory or ``s3://`` prefix):
 
     * ``object.h5``: complex object, amplitude, phase, illumination;
     * ``amplitude.png``, ``phase.png`` (scanned region, colour bars);
     * ``product.h5``: a ptychodus 1.7.0 product (object, probe, positions, loss history);
-    * ``summary.json``: timings, settings and, when the scan has ground truth, metrics.
+    * ``summary.json``: timings, settings and, when the scan has ground truth
+      (and ``with_metrics``), metrics.
 
     Nothing is written (or uploaded) unless the reconstruction succeeded.
     """
-    result = reconstruct(model, scan, cfg)
-    summary: dict[str, Any] = {"source": scan.source, "model": model_source, "n_patterns": result.n_patterns,
-                               "timings_s": result.timings_s, "inference": cfg.to_dict()}
-    region = metrics_mod.region_box(metrics_mod.scanned_region(scan.positions_px, scan.N, scan.obj_shape, scan.probe))
-    if scan.obj is not None and scan.obj.shape == result.obj.shape:
-        summary["metrics"] = metrics_mod.evaluate_object(result.obj, scan.obj, scan.positions_px, scan.N, scan.probe)
-    with OutputLocation(out) as loc:
+    with OutputLocation(out) as loc:  # checks an S3 destination before the work, uploads after it
+        result = reconstruct(model, scan, cfg)
+        summary: dict[str, Any] = {"source": scan.source, "model": model_source, "n_patterns": result.n_patterns,
+                                   "timings_s": result.timings_s, "inference": cfg.to_dict()}
+        # Preview crop: the box the scan centres cover (cheap for any object size).
+        region = metrics_mod.region_box(metrics_mod.scanned_region(scan.positions_px, scan.N, scan.obj_shape))
+        if with_metrics and scan.obj is not None and scan.obj.shape == result.obj.shape:
+            summary["metrics"] = metrics_mod.evaluate_object(result.obj, scan.obj, scan.positions_px, scan.N, scan.probe)
         write_object_h5(loc.path / "object.h5", result.obj, {"source": scan.source, "model": model_source,
                                                               "refine_steps": cfg.refine_steps},
                         result.illumination)

@@ -28,16 +28,20 @@ class Stitcher:
     def add(self, patches: torch.Tensor, positions_px: torch.Tensor) -> None:
         """Add patches ``(B, N, N)`` complex64 at positions ``(B, 2)`` (x, y)."""
         w = self.weight.expand(patches.shape)
-        self.numerator += physics.insert_patches(patches.to(torch.complex64) * w, positions_px, self.obj_shape)
-        self.denominator += physics.insert_patches(w, positions_px, self.obj_shape)
+        physics.insert_patches(patches.to(torch.complex64) * w, positions_px, self.obj_shape, out=self.numerator)
+        physics.insert_patches(w, positions_px, self.obj_shape, out=self.denominator)
 
     def result(self, fill: complex = 1.0) -> torch.Tensor:
-        """The stitched object ``(H, W)`` complex64; pixels no patch reached are ``fill``."""
+        """The stitched object ``(H, W)`` complex64; pixels no patch reached are ``fill``.
+
+        Computed in place in the numerator's memory (large objects: no extra
+        canvas); call it once, after the last :meth:`add`.
+        """
         floor = self.floor_fraction * float(self.denominator.max()) if self.denominator.numel() else 0.0
-        # Clamp, not add: wherever the weight exceeds the floor the average is exact.
-        obj = self.numerator / self.denominator.clamp(min=max(floor, 1e-30))
         unlit = self.denominator <= floor
-        return torch.where(unlit, torch.full_like(obj, fill), obj)
+        # Clamp, not add: wherever the weight exceeds the floor the average is exact.
+        obj = self.numerator.div_(self.denominator.clamp(min=max(floor, 1e-30)))
+        return obj.masked_fill_(unlit, fill)
 
     def illumination(self) -> torch.Tensor:
         """``(H, W)`` summed weight: how much each object pixel was seen."""

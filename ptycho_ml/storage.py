@@ -117,6 +117,20 @@ def upload(local: str | Path, uri: str) -> None:
         raise
 
 
+def check_bucket(bucket: str, uri: str) -> None:
+    """A clear error now if ``bucket`` is missing or unreachable."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        s3_client().head_bucket(Bucket=bucket)
+    except ClientError as exc:
+        if str(exc.response.get("Error", {}).get("Code")) in ("404", "NoSuchBucket", "NotFound"):
+            raise PtychoInputError(f"{uri}: bucket '{bucket}' does not exist, expected an existing bucket") from None
+        raise _s3_error(uri, exc) from None
+    except BotoCoreError as exc:
+        raise _s3_error(uri, exc) from None
+
+
 class OutputLocation:
     """A writable directory for a local path or an S3 prefix.
 
@@ -127,7 +141,8 @@ class OutputLocation:
     def __init__(self, uri: str):
         self.uri = str(uri).rstrip("/")
         if is_s3(self.uri):
-            split_s3(self.uri + "/x")  # validates the bucket part
+            bucket, _ = split_s3(self.uri + "/x")  # validates the bucket part
+            check_bucket(bucket, self.uri)  # fail before the work, not at upload
             self._tmp = tempfile.mkdtemp(prefix="ptycho_ml_out_")
             self.path = Path(self._tmp)
         else:

@@ -28,9 +28,12 @@ def _write(tmp_path, arrays, name="scan.npz"):
     return path
 
 
-def test_simulated_npz_loads_memory_mapped(tiny_npz, tiny_scan):
+def test_large_npz_members_are_read_on_demand(tiny_npz, tiny_scan, monkeypatch):
+    from ptycho_ml.data import npz
+
+    monkeypatch.setattr(npz, "STREAM_MIN_BYTES", 1024)
     scan = load_scan(tiny_npz)
-    assert isinstance(scan.patterns, np.memmap)
+    assert isinstance(scan.patterns, npz.StoredArray)
     assert len(scan) == len(tiny_scan.positions_px) and scan.N == 32
     assert np.array_equal(scan.amplitude(slice(0, 5)), tiny_scan.amplitude[:5])
     idx = np.array([7, 2, 5])

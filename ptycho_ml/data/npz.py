@@ -9,16 +9,18 @@ memory-mapped, which is how large scans stream (:func:`open_npz_member`).
 from __future__ import annotations
 
 import os
-import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_path
 from ..errors import PtychoInputError
 
 _FIXED_TIME = (1980, 1, 1, 0, 0, 0)
+# Members at least this large are read on demand instead of loaded.
+STREAM_MIN_BYTES = 1 << 20
 
 
 def _zipinfo(name: str) -> zipfile.ZipInfo:
@@ -38,38 +40,92 @@ def write_npz(path: str | Path, arrays: dict[str, np.ndarray],
     to ``shape``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        with zipfile.ZipFile(tmp, "w", allowZip64=True) as zf:
-            for name, array in arrays.items():
-                array = np.asarray(array)
-                if array.dtype == object:
-                    raise ValueError(f"write_npz: member '{name}' is an object array; refusing to pickle")
-                with zf.open(_zipinfo(name), "w", force_zip64=True) as fh:
-                    np.lib.format.write_array(fh, np.ascontiguousarray(array), allow_pickle=False)
-            for name, (shape, dtype, make_chunks) in (chunked or {}).items():
-                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)}
-                with zf.open(_zipinfo(name), "w", force_zip64=True) as fh:
-                    np.lib.format.write_array_header_2_0(fh, header)
-                    rows = 0
-                    for chunk in make_chunks():
-                        chunk = np.ascontiguousarray(chunk, dtype=dtype)
-                        fh.write(chunk.tobytes())
-                        rows += len(chunk)
-                    if rows != shape[0]:
-                        raise ValueError(f"write_npz: member '{name}' got {rows} rows, expected {shape[0]}")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", allowZip64=True) as zf:
+        for name, array in arrays.items():
+            array = np.asarray(array)
+            if array.dtype == object:
+                raise ValueError(f"write_npz: member '{name}' is an object array; refusing to pickle")
+            with zf.open(_zipinfo(name), "w", force_zip64=True) as fh:
+                np.lib.format.write_array(fh, np.ascontiguousarray(array), allow_pickle=False)
+        for name, (shape, dtype, make_chunks) in (chunked or {}).items():
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)}
+            with zf.open(_zipinfo(name), "w", force_zip64=True) as fh:
+                np.lib.format.write_array_header_2_0(fh, header)
+                rows = 0
+                for chunk in make_chunks():
+                    chunk = np.ascontiguousarray(chunk, dtype=dtype)
+                    fh.write(chunk.tobytes())
+                    rows += len(chunk)
+                if rows != shape[0]:
+                    raise ValueError(f"write_npz: member '{name}' got {rows} rows, expected {shape[0]}")
     return path
 
 
-def open_npz_member(path: str | Path, zf: zipfile.ZipFile, name: str) -> np.ndarray:
-    """Return member ``name`` of an open NPZ: memory-mapped when stored uncompressed, else loaded.
+class StoredArray:
+    """A read-only C-ordered array stored uncompressed in a file, read by rows on demand.
 
+    ``a[i]``, ``a[start:stop]`` and ``a[index_array]`` read just those rows
+    with ordinary file reads (consecutive rows in one read), so memory is
+    bounded by what is asked for. Unlike a memory map, nothing of the file
+    stays mapped into (and counted against) the process.
+    """
+
+    def __init__(self, path: str | Path, offset: int, shape: tuple[int, ...], dtype: np.dtype):
+        self.path, self.offset = str(path), offset
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        self.ndim, self.size = len(self.shape), int(np.prod(self.shape))
+        self._row_bytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = self[:]
+        return out if dtype is None else out.astype(dtype)
+
+    def _rows(self, start: int, stop: int, fh) -> np.ndarray:
+        out = np.empty((stop - start,) + self.shape[1:], self.dtype)
+        fh.seek(self.offset + start * self._row_bytes)
+        if fh.readinto(memoryview(out).cast("B")) != out.nbytes:
+            raise PtychoInputError(f"{self.path}: file is truncated, expected rows {start}..{stop - 1}")
+        return out
+
+    def __getitem__(self, key) -> np.ndarray:
+        rest = ()
+        if isinstance(key, tuple):
+            key, rest = key[0], key[1:]
+        with open(self.path, "rb", buffering=0) as fh:
+            if isinstance(key, slice):
+                start, stop, step = key.indices(len(self))
+                out = self._rows(start, max(start, stop), fh)[::step] if step > 0 else self[np.arange(start, stop, step)]
+            elif np.ndim(key) == 0:
+                index = int(key) + (len(self) if int(key) < 0 else 0)
+                if not 0 <= index < len(self):
+                    raise IndexError(f"index {key} out of range for {len(self)} rows")
+                out = self._rows(index, index + 1, fh)[0]
+            else:
+                index = np.asarray(key, dtype=np.int64)
+                index = np.where(index < 0, index + len(self), index)
+                if index.size and (index.min() < 0 or index.max() >= len(self)):
+                    raise IndexError(f"row index out of range for {len(self)} rows")
+                unique, inverse = np.unique(index, return_inverse=True)
+                out = np.empty((len(unique),) + self.shape[1:], self.dtype)
+                # One read per run of consecutive rows.
+                breaks = np.flatnonzero(np.diff(unique) != 1) + 1
+                for run in np.split(np.arange(len(unique)), breaks) if len(unique) else []:
+                    out[run[0]:run[-1] + 1] = self._rows(int(unique[run[0]]), int(unique[run[-1]]) + 1, fh)
+                out = out[inverse.reshape(index.shape)]
+        if not rest:
+            return out
+        scalar_key = not isinstance(key, slice) and np.ndim(key) == 0
+        return out[rest] if scalar_key else out[(slice(None),) + rest]
+
+
+def open_npz_member(path: str | Path, zf: zipfile.ZipFile, name: str) -> np.ndarray | StoredArray:
+    """Return member ``name`` of an open NPZ.
+
+    Large uncompressed members come back as a :class:`StoredArray` (read in
+    batches, never loaded whole); small or compressed ones are loaded.
     Never unpickles (``allow_pickle=False``).
     """
     info = zf.getinfo(name + ".npy")
@@ -94,6 +150,8 @@ def open_npz_member(path: str | Path, zf: zipfile.ZipFile, name: str) -> np.ndar
         expected_end = offset + int(np.prod(shape)) * dtype.itemsize
         if expected_end > os.path.getsize(path):
             raise PtychoInputError(f"{path}: field '{name}': file is truncated, expected {expected_end} bytes of data")
-        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
+        if fortran or len(shape) < 2 or int(np.prod(shape)) * dtype.itemsize < STREAM_MIN_BYTES:
+            return np.array(np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C"))
+        return StoredArray(path, offset, shape, dtype)
     with zf.open(info) as fh:
         return np.lib.format.read_array(fh, allow_pickle=False)

@@ -24,15 +24,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..atomic import atomic_path
 from ..errors import PtychoInputError, field_error
 from .scan import ScanData, check_positions_inside
 
@@ -357,21 +357,13 @@ def geometry_from_scan(scan: ScanData) -> dict[str, float]:
 # --------------------------------------------------------------------------- writing
 
 
-def _atomic_h5(path: Path) -> tuple[Any, str]:
+@contextmanager
+def _atomic_h5(path: Path) -> Iterator[Any]:
+    """An h5py file written beside ``path`` and renamed onto it only when the block succeeds."""
     import h5py
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    return h5py.File(tmp, "w"), tmp
-
-
-def _commit(h5: Any, tmp: str, path: Path, ok: bool) -> None:
-    h5.close()
-    if ok:
-        os.replace(tmp, path)
-    else:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
+        yield h5
 
 
 def write_product(path: str | Path, *, obj: np.ndarray, probe: np.ndarray, positions_px: np.ndarray,
@@ -417,9 +409,7 @@ def write_product(path: str | Path, *, obj: np.ndarray, probe: np.ndarray, posit
     x_m = (positions_px[:, 0] - (W - 1) / 2) * g["object_pixel_width_m"] + g["object_center_x_m"]  # (M,) float64
     y_m = (positions_px[:, 1] - (H - 1) / 2) * g["object_pixel_height_m"] + g["object_center_y_m"]
 
-    h5, tmp = _atomic_h5(path)
-    ok = False
-    try:
+    with _atomic_h5(path) as h5:
         attrs = {"name": str(name), "comments": str(comments),
                  "detector_object_distance_m": g["detector_object_distance_m"], "photon_energy_eV": g["photon_energy_eV"],
                  "probe_photon_count": g["probe_photon_count"], "exposure_time_s": g["exposure_time_s"],
@@ -438,9 +428,6 @@ def write_product(path: str | Path, *, obj: np.ndarray, probe: np.ndarray, posit
         h5.create_dataset("object_layer_spacing_m", data=np.zeros(0, np.float64))
         h5.create_dataset("loss_epochs", data=np.asarray(loss_epochs, dtype=np.int64).reshape(-1))
         h5.create_dataset("loss_values", data=np.asarray(loss_values, dtype=np.float64).reshape(-1))
-        ok = True
-    finally:
-        _commit(h5, tmp, path, ok)
     return path
 
 
@@ -461,9 +448,7 @@ def write_diffraction(path: str | Path, scan: ScanData, batch: int = 1024, dtype
     out_dtype = np.dtype(scan.patterns.dtype) if raw_counts else dtype
     M, N = len(scan), scan.N
     geometry = geometry_from_scan(scan)
-    h5, tmp = _atomic_h5(path)
-    ok = False
-    try:
+    with _atomic_h5(path) as h5:
         h5.create_dataset("indexes", data=scan_indexes(scan))
         ds = h5.create_dataset("patterns", shape=(M, N, N), dtype=out_dtype, chunks=(1, N, N), compression=compression)
         for key in _DETECTOR_KEYS:
@@ -483,9 +468,6 @@ def write_diffraction(path: str | Path, scan: ScanData, batch: int = 1024, dtype
             ds[sl] = block
         bad = np.zeros((N, N), bool) if scan.bad_pixels is None else np.asarray(scan.bad_pixels, bool)
         h5.create_dataset("bad_pixels", data=bad)
-        ok = True
-    finally:
-        _commit(h5, tmp, path, ok)
     return path
 
 
