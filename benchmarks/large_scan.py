@@ -4,7 +4,7 @@
 Generates two simulated raster scans with :func:`ptycho_ml.simulate.simulate_large_scan`
 (``--small`` and ``--large`` patterns, written chunk by chunk so generation is
 bounded too; skipped when the files already exist), then reconstructs each in a
-fresh process (network only, ``--refine-steps 0``) and measures
+fresh process (network only: ``--refine-steps 0 --no-metrics``) and measures
 
 * peak RSS of that process (``os.wait4`` on the child: its own ``ru_maxrss``,
   not the maximum over all children);
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
         out = work / f"out_{label}"
         shutil.rmtree(out, ignore_errors=True)
         r = run_measured(cli + ["reconstruct", "--bundle", bundle, "--data", str(scans[label]), "--out", str(out),
-                                "--refine-steps", "0", "--quiet", "--threads", str(args.threads),
+                                "--refine-steps", "0", "--no-metrics", "--quiet", "--threads", str(args.threads),
                                 "--batch-size", str(args.batch_size)], work / f"reconstruct_{label}.log")
         summary = json.loads((out / "summary.json").read_text())
         return {"run": f"streaming {label}", "n": summary["n_patterns"], "wall_s": r["wall_s"],

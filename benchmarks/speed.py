@@ -28,6 +28,7 @@ import torch
 from ptycho_ml import simulate
 from ptycho_ml.config import InferenceConfig, ModelConfig
 from ptycho_ml.data import load_scan
+from ptycho_ml.data.grouping import partition_groups
 from ptycho_ml.lit_module import physics_step
 from ptycho_ml.model_io import load_model_bundle
 from ptycho_ml.network import DiffractionToObject, flops_per_pattern
@@ -72,13 +73,17 @@ def main() -> None:
     else:  # speed does not depend on the weights
         model = DiffractionToObject(ModelConfig(preset="cpu"), torch.from_numpy(scan.probe), 1.0).eval()
     M = len(scan)
-    amplitudes = torch.from_numpy(scan.amplitude(slice(0, M)))[:, None]
+    C = model.cfg.gridsize**2
+    # The same grouping reconstruct uses, prepared in memory: (a) times the network alone.
+    groups, _ = partition_groups(scan.positions_px, model.cfg.gridsize)
+    amplitudes = torch.from_numpy(scan.amplitude(slice(0, M)))[torch.from_numpy(groups)]  # (G, C, N, N)
     probe = inference_probe(model, scan)
+    group_batch = max(1, args.batch_size // C)
 
     def network_only():
         with torch.inference_mode():
-            for start in range(0, M, args.batch_size):
-                model(amplitudes[start:start + args.batch_size], probe)
+            for start in range(0, len(amplitudes), group_batch):
+                model(amplitudes[start:start + group_batch], probe)
 
     def whole_path():
         reconstruct(model, load_scan(path), InferenceConfig(refine_steps=0, batch_size=args.batch_size,
@@ -93,7 +98,7 @@ def main() -> None:
     train_model = DiffractionToObject(model.cfg, model.probe, float(model.amplitude_scale)).train()
     opt = torch.optim.AdamW(train_model.parameters(), lr=1e-3)
     batch = amplitudes[:32]
-    offsets = torch.zeros(32, 1, 2)
+    offsets = torch.zeros(32, C, 2)
 
     def train_step():
         loss, _ = physics_step(train_model, batch, offsets, "poisson")
@@ -101,7 +106,7 @@ def main() -> None:
         loss.backward()
         opt.step()
 
-    t_train = median_time(train_step, args.repeats)
+    t_train = median_time(train_step, args.repeats) / C  # per pattern: each group holds C patterns
     flops = flops_per_pattern(model)
     net_rate = M / t_net
     gflops = flops * net_rate / 1e9

@@ -21,10 +21,15 @@ def write_object_h5(path: str | Path, obj: np.ndarray, attrs: dict | None = None
     import h5py
 
     path = Path(path)
+    obj = np.asarray(obj, dtype=np.complex64)
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
-        h5.create_dataset("object", data=obj.astype(np.complex64))
-        h5.create_dataset("amplitude", data=np.abs(obj).astype(np.float32))
-        h5.create_dataset("phase", data=np.angle(obj).astype(np.float32))
+        h5.create_dataset("object", data=obj)
+        amplitude = h5.create_dataset("amplitude", shape=obj.shape, dtype=np.float32)
+        phase = h5.create_dataset("phase", shape=obj.shape, dtype=np.float32)
+        for start in range(0, obj.shape[0], 512):  # row blocks: no object-sized temporaries
+            rows = obj[start:start + 512]
+            amplitude[start:start + 512] = np.abs(rows)
+            phase[start:start + 512] = np.angle(rows)
         if illumination is not None:
             h5.create_dataset("illumination", data=illumination.astype(np.float32))
         for key, value in (attrs or {}).items():
@@ -46,6 +51,9 @@ def write_previews(out_dir: str | Path, obj: np.ndarray, prefix: str = "", title
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     view = obj[region] if region is not None else obj
+    # A preview needs no more pixels than a screen: subsample very large objects.
+    step = max(1, int(np.ceil(max(view.shape) / 1024)))
+    view = view[::step, ::step]
     paths = []
     for name, data, cmap, label in (("amplitude", np.abs(view), "gray", "amplitude"),
                                     ("phase", np.angle(view), "twilight", "phase (rad)")):

@@ -109,11 +109,15 @@ class StoredArray:
                 if index.size and (index.min() < 0 or index.max() >= len(self)):
                     raise IndexError(f"row index out of range for {len(self)} rows")
                 unique, inverse = np.unique(index, return_inverse=True)
-                out = np.empty((len(unique),) + self.shape[1:], self.dtype)
-                # One read per run of consecutive rows.
-                breaks = np.flatnonzero(np.diff(unique) != 1) + 1
-                for run in np.split(np.arange(len(unique)), breaks) if len(unique) else []:
-                    out[run[0]:run[-1] + 1] = self._rows(int(unique[run[0]]), int(unique[run[-1]]) + 1, fh)
+                if len(unique) and unique[-1] - unique[0] + 1 <= 4 * len(unique):
+                    # Dense enough (e.g. neighbour groups of a raster): one read of the span.
+                    out = self._rows(int(unique[0]), int(unique[-1]) + 1, fh)[unique - unique[0]]
+                else:
+                    out = np.empty((len(unique),) + self.shape[1:], self.dtype)
+                    # One read per run of consecutive rows.
+                    breaks = np.flatnonzero(np.diff(unique) != 1) + 1
+                    for run in np.split(np.arange(len(unique)), breaks) if len(unique) else []:
+                        out[run[0]:run[-1] + 1] = self._rows(int(unique[run[0]]), int(unique[run[-1]]) + 1, fh)
                 out = out[inverse.reshape(index.shape)]
         if not rest:
             return out

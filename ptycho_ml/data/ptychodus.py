@@ -422,7 +422,7 @@ def write_product(path: str | Path, *, obj: np.ndarray, probe: np.ndarray, posit
         h5_probe = h5.create_dataset("probe", data=probe.astype(np.complex64).reshape((1, -1) + probe.shape[-2:]))
         h5_probe.attrs["pixel_width_m"] = g["object_pixel_width_m"]
         h5_probe.attrs["pixel_height_m"] = g["object_pixel_height_m"]
-        h5_obj = h5.create_dataset("object", data=obj.astype(np.complex64)[None])
+        h5_obj = h5.create_dataset("object", data=np.asarray(obj, dtype=np.complex64)[None])
         h5_obj.attrs.update({"center_x_m": g["object_center_x_m"], "center_y_m": g["object_center_y_m"],
                              "pixel_width_m": g["object_pixel_width_m"], "pixel_height_m": g["object_pixel_height_m"]})
         h5.create_dataset("object_layer_spacing_m", data=np.zeros(0, np.float64))

@@ -153,12 +153,11 @@ def _assemble(path: str, names: set[str], get) -> ScanData:
 
     obj = None
     if "objectGuess" in names:
-        obj = np.asarray(get("objectGuess"))
+        obj = np.asarray(get("objectGuess"), dtype=np.complex64)
         if obj.ndim == 3 and obj.shape[0] == 1:
             obj = obj[0]
         if obj.ndim != 2:
             raise field_error(path, "objectGuess", f"shape {obj.shape}", "a 2-D (H, W) complex object")
-        obj = obj.astype(np.complex64)
         obj_shape = (int(obj.shape[0]), int(obj.shape[1]))
     else:
         obj_shape = derive_obj_shape(positions, N)
