@@ -31,7 +31,7 @@ def write_object_h5(path: str | Path, obj: np.ndarray, attrs: dict | None = None
             amplitude[start:start + 512] = np.abs(rows)
             phase[start:start + 512] = np.angle(rows)
         if illumination is not None:
-            h5.create_dataset("illumination", data=illumination.astype(np.float32))
+            h5.create_dataset("illumination", data=np.asarray(illumination, dtype=np.float32))
         for key, value in (attrs or {}).items():
             h5.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
     return path

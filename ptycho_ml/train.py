@@ -192,7 +192,7 @@ def train(config: TrainingConfig, callbacks: list | None = None, loggers: list |
         from .physics import extract_patches
 
         with torch.no_grad():
-            targets = extract_patches(torch.from_numpy(scan.obj), torch.from_numpy(scan.positions_px.astype(np.float32)), scan.N).numpy()
+            targets = extract_patches(torch.from_numpy(np.asarray(scan.obj)), torch.from_numpy(scan.positions_px.astype(np.float32)), scan.N).numpy()
     if len(val_idx) == 0:
         val_idx = train_idx[: max(1, len(train_idx) // 20)]
     # Validation groups must not borrow training patterns: keep only groups whose members are all in val.

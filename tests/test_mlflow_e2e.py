@@ -207,3 +207,14 @@ def test_malformed_requests_get_4xx_and_the_server_keeps_serving(server, tiny_te
     r = requests.post(f"{server}/invocations", data=to_json_payload(diffraction, positions),
                       headers={"Content-Type": "application/json"}, timeout=60)
     assert r.status_code == 200
+
+
+def test_mlflow_run_with_the_default_environment_manager(tmp_path, tiny_npz, tiny_test_npz):
+    """`mlflow run .` as a newcomer types it: MLflow builds the project's own virtualenv from python_env.yaml."""
+    env = _env(tmp_path)
+    proc = _run(["mlflow", "run", str(ROOT), "-P", "backend=torch", "-P", "preset=tiny", "-P", "epochs=1",
+                 "-P", f"data={tiny_npz}", "-P", f"test_data={tiny_test_npz}", "-P", f"output_dir={tmp_path / 'train'}"],
+                env, tmp_path, timeout=1700)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "registered as ptychopinn version 1" in proc.stdout + proc.stderr
+    assert (tmp_path / "train" / "wts.h5.zip").is_file()

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import PtychoInputError, field_error
-from .npz import open_npz_member
+from .npz import StoredArray, open_npz_member
 from .scan import ScanData, check_positions_inside, check_values, derive_obj_shape
 
 ZIP_MAGIC = b"PK\x03\x04"
@@ -153,9 +153,11 @@ def _assemble(path: str, names: set[str], get) -> ScanData:
 
     obj = None
     if "objectGuess" in names:
-        obj = np.asarray(get("objectGuess"), dtype=np.complex64)
+        obj = get("objectGuess")
         if obj.ndim == 3 and obj.shape[0] == 1:
-            obj = obj[0]
+            obj = np.asarray(obj)[0]
+        if not (isinstance(obj, StoredArray) and obj.dtype == np.complex64 and obj.ndim == 2):
+            obj = np.asarray(obj, dtype=np.complex64)  # a large complex64 object stays on disk until needed
         if obj.ndim != 2:
             raise field_error(path, "objectGuess", f"shape {obj.shape}", "a 2-D (H, W) complex object")
         obj_shape = (int(obj.shape[0]), int(obj.shape[1]))

@@ -23,7 +23,9 @@ class ScanData:
     probe: ``(N, N)`` or ``(K, N, N)`` complex64.
     positions_px: ``(M, 2)`` float64 patch centres (x = column, y = row).
     obj_shape: ``(H, W)`` of the object canvas in pixels.
-    obj: optional ``(H, W)`` complex64 ground truth or initial guess.
+    obj: optional ``(H, W)`` complex64 ground truth or initial guess (an
+        ndarray, or for a large NPZ member an on-disk array that
+        ``np.asarray`` loads when a metric needs it).
     bad_pixels: optional ``(N, N)`` bool, True where the detector pixel is bad.
     metadata: free-form JSON-safe dict (generator parameters, geometry...).
     source: where it came from (path or URI), for error messages and fingerprints.
