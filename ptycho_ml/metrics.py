@@ -125,6 +125,19 @@ def scanned_region(positions_px: np.ndarray, N: int, obj_shape: tuple[int, int],
     return coverage > threshold * peak
 
 
+def centres_box(positions_px: np.ndarray, obj_shape: tuple[int, int]) -> tuple[slice, slice]:
+    """The box ``(rows, cols)`` spanned by the (rounded) patch centres, which a scan covers fully.
+
+    Same region as ``region_box(scanned_region(positions_px, N, obj_shape))``
+    without a probe, without building any object-sized array.
+    """
+    pos = np.floor(np.asarray(positions_px, dtype=np.float64) + 0.5)
+    H, W = (int(s) for s in obj_shape)
+    x0, y0 = (max(int(v), 0) for v in pos.min(axis=0))
+    x1, y1 = (min(int(v) + 1, lim) for v, lim in zip(pos.max(axis=0), (W, H)))
+    return slice(y0, y1), slice(x0, x1)
+
+
 def region_box(mask: np.ndarray) -> tuple[slice, slice]:
     """A rectangle ``(rows, cols)`` of slices lying entirely inside ``mask``.
 

@@ -57,10 +57,10 @@ def _epoch_logger():
 def _log_previews(obj, scan, artifact_dir: str, title: str) -> None:
     import mlflow
 
-    from .metrics import region_box, scanned_region
+    from .metrics import centres_box
     from .outputs import write_previews
 
-    region = region_box(scanned_region(scan.positions_px, scan.N, scan.obj_shape, scan.probe))
+    region = centres_box(scan.positions_px, scan.obj_shape)
     with tempfile.TemporaryDirectory() as tmp:
         write_previews(tmp, obj, title=title, region=region)
         mlflow.log_artifacts(tmp, artifact_dir)

@@ -31,7 +31,7 @@ def run_reconstruction(model: DiffractionToObject, scan: ScanData, cfg: Inferenc
         summary: dict[str, Any] = {"source": scan.source, "model": model_source, "n_patterns": result.n_patterns,
                                    "timings_s": result.timings_s, "inference": cfg.to_dict()}
         # Preview crop: the box the scan centres cover (cheap for any object size).
-        region = metrics_mod.region_box(metrics_mod.scanned_region(scan.positions_px, scan.N, scan.obj_shape))
+        region = metrics_mod.centres_box(scan.positions_px, scan.obj_shape)
         if with_metrics and scan.obj is not None and scan.obj.shape == result.obj.shape:
             summary["metrics"] = metrics_mod.evaluate_object(result.obj, scan.obj, scan.positions_px, scan.N, scan.probe)
         write_object_h5(loc.path / "object.h5", result.obj, {"source": scan.source, "model": model_source,

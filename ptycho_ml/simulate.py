@@ -224,8 +224,12 @@ def default_configs(N: int = 64, seed: int = 0) -> dict[str, SimulationConfig]:
     different seed (so different structures) and a different mosaic.
     """
     scale = N / 64
+    # Keep the probe the same fraction of the pattern at any N: the focus spot
+    # scales with N at a fixed aperture (in Fourier pixels), the defocus blur
+    # with defocus / N, hence defocus * scale².
+    base = SimulationConfig()
     train = SimulationConfig(N=N, object_size_px=int(352 * scale), step_px=5.0 * scale, seed=seed,
-                             gaussian_sigma_px=7.0 * scale)
+                             gaussian_sigma_px=7.0 * scale, defocus_m=base.defocus_m * scale**2)
     test = train.replace(object_size_px=int(224 * scale), step_px=6.0 * scale, seed=seed + 1000)
     return {"train": train, "test": test}
 

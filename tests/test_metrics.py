@@ -159,3 +159,11 @@ def test_pure_phase_object_amplitude_metrics_are_finite():
     assert -1.0 <= out["amplitude_ssim"] <= 1.0
     assert out["amplitude_psnr"] == pytest.approx(20.0, rel=1e-6)  # peak 1, error 0.1
     assert out["amplitude_mae"] == pytest.approx(0.1)
+
+
+def test_centres_box_matches_the_probe_free_scanned_region():
+    from ptycho_ml.metrics import centres_box, region_box, scanned_region
+
+    rng = np.random.default_rng(3)
+    pos = rng.uniform(20, 80, size=(50, 2))
+    assert centres_box(pos, (100, 120)) == region_box(scanned_region(pos, 16, (100, 120)))
