@@ -210,7 +210,7 @@ class PtychoPyfuncModel:
             if output == "patches":
                 import torch
 
-                patches = predict_patches(self.model, torch.from_numpy(diffraction)).numpy()
+                patches = predict_patches(self.model, torch.from_numpy(diffraction), positions).numpy()
                 return {"amplitude": np.abs(patches).astype(np.float32), "phase": np.angle(patches).astype(np.float32)}
             scan = self._scan(diffraction, positions, int(params.get("obj_height") or 0), int(params.get("obj_width") or 0))
             cfg = InferenceConfig(refine_steps=int(params.get("refine_steps") or 0), progress=False)

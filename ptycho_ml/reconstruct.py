@@ -74,10 +74,19 @@ def inference_probe(model: DiffractionToObject, scan: ScanData, sample: int = 51
     return probe
 
 
-def predict_patches(model: DiffractionToObject, amplitude: torch.Tensor) -> torch.Tensor:
-    """Network patches for single patterns: amplitude ``(B, N, N)`` -> ``(B, N, N)`` complex64 (gridsize 1)."""
+def predict_patches(model: DiffractionToObject, amplitude: torch.Tensor, positions_px: np.ndarray) -> torch.Tensor:
+    """One network patch per pattern: amplitude ``(B, N, N)``, positions ``(B, 2)`` -> ``(B, N, N)`` complex64.
+
+    For gridsize > 1 the patterns are grouped with their neighbours (as in
+    :func:`network_object`) and each pattern's own patch is returned, in input order.
+    """
+    groups, owned = partition_groups(np.asarray(positions_px, dtype=np.float64), model.cfg.gridsize)
+    C = model.cfg.gridsize**2
     with torch.inference_mode():
-        return model(amplitude[:, None])[:, 0]
+        patches = model(amplitude[torch.from_numpy(groups)].view(len(groups), C, *amplitude.shape[1:]))
+    out = torch.empty(amplitude.shape, dtype=torch.complex64)
+    out[torch.from_numpy(groups[owned])] = patches[torch.from_numpy(owned)]
+    return out
 
 
 def network_object(model: DiffractionToObject, scan: ScanData, batch_size: int = 256,

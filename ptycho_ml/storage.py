@@ -142,7 +142,7 @@ class OutputLocation:
         self.uri = str(uri).rstrip("/")
         if is_s3(self.uri):
             bucket, _ = split_s3(self.uri + "/x")  # validates the bucket part
-            check_bucket(bucket, self.uri)  # fail before the work, not at upload
+            check_bucket(bucket, str(uri))  # fail before the work, not at upload
             self._tmp = tempfile.mkdtemp(prefix="ptycho_ml_out_")
             self.path = Path(self._tmp)
         else:
