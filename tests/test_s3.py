@@ -222,7 +222,7 @@ def test_missing_bucket_is_a_one_line_error(uploaded, trained_bundle, tmp_path):
     before = _keys(uploaded["client"])
     result = _cli(["reconstruct", "--bundle", str(trained_bundle), "--data", f"s3://{BUCKET}/test.npz",
                    "--out", "s3://no-such-bucket/results", "--refine-steps", "0", "--quiet"])
-    _assert_one_line_error(result, "s3://no-such-bucket/results/", "does not exist")
+    _assert_one_line_error(result, "s3://no-such-bucket/results", "does not exist")
     assert _keys(uploaded["client"]) == before
     assert not _cached_partials()
 
