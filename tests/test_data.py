@@ -231,3 +231,9 @@ def test_partition_owns_every_position_exactly_once(tiny_scan, gridsize):
     assert np.array_equal(np.sort(groups[owned]), np.arange(len(pos)))
     spread = np.ptp(pos[groups], axis=1).max()
     assert spread < 6 * gridsize * 5.0
+
+
+def test_partition_handles_fewer_patterns_than_a_group():
+    groups, owned = partition_groups(np.array([[40.0, 40.0], [45.0, 41.0]]), 2)
+    assert groups.shape == (1, 4) and owned.sum() == 2
+    assert sorted(groups[owned].tolist()) == [0, 1]

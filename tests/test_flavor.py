@@ -91,3 +91,17 @@ def test_unknown_output_param_is_refused(saved):
     with pytest.raises(MlflowException, match="params.output"):
         pyfunc.predict({"diffraction": scan.amplitude(slice(0, 4)), "positions": scan.positions_px[:4].astype(np.float32)},
                        params={"output": "pictures"})
+
+
+def test_the_saved_one_frame_input_example_predicts(saved):
+    import json
+
+    import mlflow
+
+    _, path, _ = saved
+    example = json.loads((path / "input_example.json").read_text())
+    inputs = example.get("inputs", example)
+    request = {k: np.asarray(v, dtype=np.float32) for k, v in inputs.items()}
+    assert request["diffraction"].shape[0] == 1
+    out = mlflow.pyfunc.load_model(str(path)).predict(request)
+    assert out["amplitude"].ndim == 2 and np.isfinite(out["amplitude"]).all()

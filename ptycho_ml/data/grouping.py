@@ -73,14 +73,13 @@ def partition_groups(positions_px: np.ndarray, gridsize: int) -> tuple[np.ndarra
     covered neighbours fill the group without being owned by it. Returns
     ``groups (G, C) int64`` and ``owned (G, C) bool`` (True where this group's
     prediction is the one used for that position); every position is owned
-    exactly once, so the network runs about once per pattern.
+    exactly once, so the network runs about once per pattern. A scan with
+    fewer than C patterns (e.g. a one-frame request) repeats them to fill its group.
     """
     C = gridsize * gridsize
     M = len(positions_px)
     if C == 1:
         return np.arange(M, dtype=np.int64)[:, None], np.ones((M, 1), bool)
-    if M < C:
-        raise PtychoInputError(f"gridsize={gridsize}: found {M} positions, expected at least C={C} to form a group")
     k = min(M, 4 * C)
     _, nn = cKDTree(positions_px).query(positions_px, k=k)
     nn = np.asarray(nn).reshape(M, k)
@@ -91,7 +90,8 @@ def partition_groups(positions_px: np.ndarray, gridsize: int) -> tuple[np.ndarra
             continue
         free = [j for j in nn[i] if not covered[j]][:C]
         members = free + [j for j in nn[i] if j not in free][: C - len(free)]
+        members += [i] * (C - len(members))  # fewer than C patterns in all: repeat the anchor
         covered[free] = True
         groups.append(members)
-        owned.append([m in free for m in members])
+        owned.append([True] * len(free) + [False] * (C - len(free)))
     return np.asarray(groups, np.int64), np.asarray(owned, bool)
