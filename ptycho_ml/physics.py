@@ -114,17 +114,6 @@ def insert_patches(patches: torch.Tensor, positions_px: torch.Tensor, obj_shape:
     return out[0] if single else out
 
 
-def positions_fit(positions_px: torch.Tensor, N: int, obj_shape: tuple[int, int]) -> torch.Tensor:
-    """Bool mask ``(P,)``: True where the patch (with its interpolation margin) lies inside the object."""
-    top_left = positions_px - N / 2
-    H, W = obj_shape
-    lo_ok = (top_left >= 0).all(dim=-1)
-    frac_pad = (top_left - torch.floor(top_left) > 0).to(top_left.dtype)
-    hi = torch.floor(top_left) + N - 1 + frac_pad
-    hi_ok = (hi[..., 0] <= W - 1) & (hi[..., 1] <= H - 1)
-    return lo_ok & hi_ok
-
-
 # --------------------------------------------------------------------------
 # Illumination and propagation
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from . import physics
+from .losses import poisson_nll
 from .data.scan import ScanData
 from .network import intensity_of
 
@@ -27,15 +28,6 @@ from .network import intensity_of
 class RefineResult:
     obj: torch.Tensor  # (H, W) complex64
     loss_history: list[float] = field(default_factory=list)  # mean Poisson deviance/2 per pixel, per step
-
-
-def _poisson_sum(pred_amplitude: torch.Tensor, amplitude: torch.Tensor, good: torch.Tensor | None, eps: float) -> torch.Tensor:
-    pred_counts = pred_amplitude.square()
-    counts = amplitude.square()
-    per_pixel = pred_counts - counts * torch.log(pred_counts + eps) + torch.xlogy(counts, counts) - counts
-    if good is not None:
-        per_pixel = per_pixel * good
-    return per_pixel.sum()
 
 
 def refine_object(obj: torch.Tensor, scan: ScanData, probe: torch.Tensor, steps: int, *,
@@ -72,7 +64,7 @@ def refine_object(obj: torch.Tensor, scan: ScanData, probe: torch.Tensor, steps:
             amp = amplitudes[batch] if amplitudes is not None else torch.from_numpy(scan.amplitude(batch.numpy()))
             lookahead = (obj + momentum * velocity).requires_grad_(True)
             pred = physics.forward_amplitude(lookahead, probe, positions[batch])
-            loss = _poisson_sum(pred, amp, good, eps_counts)
+            loss = poisson_nll(pred, amp, good, eps_counts, reduction="sum")
             (grad,) = torch.autograd.grad(loss, lookahead)
             illumination = physics.insert_patches(intensity.expand(len(batch), N, N), positions[batch], obj.shape)
             # Preconditioner: the inverse illumination, floored so dim edges do not take huge steps.
