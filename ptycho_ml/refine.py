@@ -60,7 +60,7 @@ def refine_object(obj: torch.Tensor, scan: ScanData, probe: torch.Tensor, steps:
         rate = step_size * min(1.0, 0.2 + 0.8 * (steps - 1 - step) / tail)
         total = 0.0
         for batch in torch.randperm(M, generator=generator).split(batch_size):
-            batch = batch.sort().values  # increasing indices: cheap reads from HDF5/memmap
+            batch = batch.sort().values  # increasing indices: cheap reads from HDF5/NPZ
             amp = amplitudes[batch] if amplitudes is not None else torch.from_numpy(scan.amplitude(batch.numpy()))
             lookahead = (obj + momentum * velocity).requires_grad_(True)
             pred = physics.forward_amplitude(lookahead, probe, positions[batch])

@@ -37,7 +37,7 @@ class GroupDataset(Dataset):
     """Items ``(amplitude (C, N, N) float32, offsets_px (C, 2) float32[, target (C, N, N) complex64])``.
 
     Amplitudes come from an in-memory array when given, else straight from
-    the (memory-mapped / HDF5) scan, so memory stays bounded by the batch.
+    the (on-disk NPZ / HDF5) scan, so memory stays bounded by the batch.
     """
 
     def __init__(self, scan: ScanData, groups: np.ndarray, offsets: np.ndarray,

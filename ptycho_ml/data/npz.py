@@ -1,9 +1,9 @@
-"""NPZ files: deterministic writing (optionally chunked) and memory-mapped reading.
+"""NPZ files: deterministic writing (optionally chunked) and on-demand reading of large members.
 
 NumPy's ``savez`` stamps the current time into the zip, so equal data give
 different bytes. :func:`write_npz` writes uncompressed members with a fixed
 timestamp (same data, same bytes), and uncompressed members can be
-memory-mapped, which is how large scans stream (:func:`open_npz_member`).
+read row by row on demand, which is how large scans stream (:func:`open_npz_member`).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ class ScanData:
 
     Attributes
     ----------
-    patterns: ``(M, N, N)`` array-like (ndarray, memmap or h5py dataset).
+    patterns: ``(M, N, N)`` array-like (ndarray, on-disk NPZ member or h5py dataset).
         Diffraction **amplitude** when ``patterns_are_counts`` is False,
         photon counts (converted to amplitude per batch) when True.
     probe: ``(N, N)`` or ``(K, N, N)`` complex64.
