@@ -39,21 +39,6 @@ def flatten_params(config: dict[str, Any], prefix: str = "cfg.") -> dict[str, st
     return out
 
 
-def _epoch_logger():
-    import lightning as L
-    import mlflow
-
-    class EpochMetrics(L.Callback):
-        """Per-epoch train/validation losses and learning rate, as MLflow metrics (step = epoch)."""
-
-        def on_train_epoch_end(self, trainer, pl_module):  # runs after the epoch's validation
-            metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k in ("train_loss", "val_loss")}
-            metrics["lr"] = float(trainer.optimizers[0].param_groups[0]["lr"])
-            mlflow.log_metrics(metrics, step=trainer.current_epoch)
-
-    return EpochMetrics()
-
-
 def _log_previews(obj, scan, artifact_dir: str, title: str) -> None:
     import mlflow
 
@@ -110,20 +95,10 @@ def _train(data, test_data, epochs, gridsize, preset, seed, register_as, time_li
     with mlflow.start_run() as run:
         mlflow.log_params(flatten_params(config.to_dict()))
         mlflow.set_tag("ptycho_ml.backend", "torch")
-
-        def preview(epoch, obj):
-            _log_previews(obj, result_holder["test_scan"], f"previews/epoch_{epoch:03d}", f"epoch {epoch}")
-
-        result_holder: dict[str, Any] = {}
-        from .data.readers import load_scan
-        from .train import default_data
-
-        if not config.data:  # make the embedded default now so previews have the held-out scan
-            train_path, test_path = default_data(Path(config.output_dir), N=config.model.N, seed=config.seed)
-            config = config.replace(data=train_path, test_data=config.test_data or test_path)
-        if config.test_data:
-            result_holder["test_scan"] = load_scan(config.test_data)
-        result = run_train(config, callbacks=[_epoch_logger()], preview_sink=preview if config.test_data else None)
+        result = run_train(
+            config,
+            epoch_sink=lambda m: mlflow.log_metrics({k: v for k, v in m.items() if k != "epoch"}, step=int(m["epoch"])),
+            preview_sink=lambda epoch, obj, scan: _log_previews(obj, scan, f"previews/epoch_{epoch:03d}", f"epoch {epoch}"))
 
         mlflow.log_params({"dataset.sha256": result.dataset["sha256"], "dataset.shape": json.dumps(result.dataset["shape"]),
                            "dataset.source": result.dataset["source"], "amplitude_scale": f"{result.amplitude_scale:.6g}",

@@ -121,36 +121,40 @@ def _accelerator(requested: str) -> str:
     return requested
 
 
-class _PreviewCallback:
-    """Lightning callback factory: every n epochs reconstruct the held-out scan (network only) and hand the object to ``sink``."""
+def _epoch_callbacks(history: list, epoch_sink, test_scan: ScanData | None, every: int, preview_sink) -> list:
+    """Lightning callbacks: per-epoch metrics (kept in ``history``, passed to ``epoch_sink``)
+    and, every ``every`` epochs, a network reconstruction of the held-out scan for ``preview_sink``."""
+    import lightning as L
 
-    @staticmethod
-    def make(test_scan: ScanData, every: int, sink):
-        import lightning as L
+    from .reconstruct import network_object
 
-        class Preview(L.Callback):
-            def on_validation_epoch_end(self, trainer, pl_module):
-                epoch = trainer.current_epoch
-                if trainer.sanity_checking or every <= 0 or (epoch + 1) % every:
-                    return
+    class EpochEnd(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):  # runs after the epoch's validation
+            m = {k: float(v) for k, v in trainer.callback_metrics.items() if k in ("train_loss", "val_loss")}
+            m["lr"] = float(trainer.optimizers[0].param_groups[0]["lr"])
+            m["epoch"] = trainer.current_epoch
+            history.append(m)
+            if epoch_sink is not None:
+                epoch_sink(dict(m))
+            epoch = trainer.current_epoch + 1
+            if preview_sink is not None and test_scan is not None and every > 0 and epoch % every == 0:
                 model = pl_module.model
                 was_training = model.training
-                from .reconstruct import network_object
-
                 obj, _ = network_object(model.eval(), test_scan, progress=False)
                 model.train(was_training)
-                sink(epoch + 1, obj.numpy())
+                preview_sink(epoch, obj.numpy(), test_scan)
 
-        return Preview()
+    return [EpochEnd()]
 
 
-def train(config: TrainingConfig, callbacks: list | None = None, loggers: list | None = None,
-          preview_sink=None, evaluate_refine_steps: int | None = None) -> TrainResult:
+def train(config: TrainingConfig, epoch_sink=None, preview_sink=None,
+          evaluate_refine_steps: int | None = None) -> TrainResult:
     """Train a reconstructor and write ``{output_dir}/wts.h5.zip``.
 
-    ``callbacks``/``loggers`` are extra Lightning objects (the MLflow entry
-    point passes its logger); ``preview_sink(epoch, obj)`` receives network
-    reconstructions of the held-out scan every ``preview_every_n_epochs``.
+    ``epoch_sink(metrics)`` receives each epoch's ``train_loss``, ``val_loss``,
+    ``lr`` and ``epoch``; ``preview_sink(epoch, obj, test_scan)`` receives a
+    network reconstruction of the held-out scan every
+    ``preview_every_n_epochs`` (the MLflow entry point logs both).
     """
     import lightning as L
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
@@ -212,23 +216,13 @@ def train(config: TrainingConfig, callbacks: list | None = None, loggers: list |
     ckpt_dir = output_dir / "checkpoints"
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min", save_last=True)
     history: list[dict[str, float]] = []
-
-    class History(L.Callback):
-        def on_train_epoch_end(self, trainer, pl_module):  # runs after the epoch's validation
-            m = {k: float(v) for k, v in trainer.callback_metrics.items() if k in ("train_loss", "val_loss")}
-            m["lr"] = float(trainer.optimizers[0].param_groups[0]["lr"])
-            m["epoch"] = trainer.current_epoch
-            history.append(m)
-
-    cbs = [checkpoint, History(), EarlyStopping(monitor="val_loss", mode="min", patience=config.early_stopping_patience)]
+    cbs = [checkpoint, EarlyStopping(monitor="val_loss", mode="min", patience=config.early_stopping_patience),
+           *_epoch_callbacks(history, epoch_sink, test_scan, config.preview_every_n_epochs, preview_sink)]
     if not config.quiet:
         cbs.append(TQDMProgressBar(refresh_rate=10))
-    if test_scan is not None and preview_sink is not None:
-        cbs.append(_PreviewCallback.make(test_scan, config.preview_every_n_epochs, preview_sink))
-    cbs.extend(callbacks or [])
     trainer = L.Trainer(
         max_epochs=config.epochs, accelerator=_accelerator(config.accelerator), devices=config.devices,
-        deterministic=True, callbacks=cbs, logger=loggers or False, enable_progress_bar=not config.quiet,
+        deterministic=True, callbacks=cbs, logger=False, enable_progress_bar=not config.quiet,
         enable_model_summary=not config.quiet, default_root_dir=str(output_dir), log_every_n_steps=10,
         max_time={"seconds": config.time_limit_s} if config.time_limit_s else None, num_sanity_val_steps=0,
     )

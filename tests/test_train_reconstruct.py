@@ -165,3 +165,14 @@ def test_untrained_generator_returns_the_physics_estimate():
     with torch.no_grad():
         out = model(amp)
     assert torch.allclose(out, physics.single_pattern_estimate(amp, probe, cfg.input_iterations), atol=1e-4)
+
+
+def test_epoch_and_preview_hooks_receive_each_epoch(tmp_path, tiny_npz, tiny_test_npz):
+    epochs, previews = [], []
+    result = train(_config(tmp_path, tiny_npz, tiny_test_npz, epochs=2, preview_every_n_epochs=1),
+                   epoch_sink=epochs.append, preview_sink=lambda e, obj, scan: previews.append((e, obj.shape, scan.source)),
+                   evaluate_refine_steps=0)
+    assert [m["epoch"] for m in epochs] == [0, 1] and all({"train_loss", "val_loss", "lr"} <= set(m) for m in epochs)
+    assert epochs == result.history
+    assert [p[0] for p in previews] == [1, 2] and previews[0][1] == result.test_scan.obj_shape
+    assert previews[0][2] == str(tiny_test_npz)

@@ -141,9 +141,10 @@ def _assemble(path: str, names: set[str], get) -> ScanData:
 
     coords = []
     for key in ("xcoords", "ycoords"):
-        c = np.asarray(get(key), dtype=np.float64).reshape(-1) if np.asarray(get(key)).ndim <= 1 else None
-        if c is None:
-            raise field_error(path, key, f"shape {np.asarray(get(key)).shape}", f"a 1-D array of {M} positions")
+        c = np.asarray(get(key), dtype=np.float64)  # read once
+        if c.ndim > 1:
+            raise field_error(path, key, f"shape {c.shape}", f"a 1-D array of {M} positions")
+        c = c.reshape(-1)
         if len(c) != M:
             raise field_error(path, key, f"{len(c)} positions", f"{M} (one per diffraction pattern)")
         if not np.isfinite(c).all():
