@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Scans larger than memory: does `ptycho-ml reconstruct` stream (DESIGN §3)?
 
-Generates two simulated raster scans with :func:`ptycho_ml.simulate.simulate_large_scan`
+Generates two simulated raster scans with :func:`ptycho_ml.physics.simulate.simulate_large_scan`
 (``--small`` and ``--large`` patterns, written chunk by chunk so generation is
 bounded too; skipped when the files already exist), then reconstructs each in a
 fresh process (network only: ``--refine-steps 0 --no-metrics``) and measures
@@ -13,7 +13,7 @@ fresh process (network only: ``--refine-steps 0 --no-metrics``) and measures
   as patterns/s;
 * the same reconstruction of the small scan held fully in RAM (a fresh process
   that copies every pattern into an ndarray first, then calls
-  :func:`ptycho_ml.reconstruct.reconstruct`): the in-memory reference.
+  :func:`ptycho_ml.inference.reconstruct.reconstruct`): the in-memory reference.
 
 Goals: peak RSS large/small <= 1.2 (memory bounded by the batch, not the scan)
 and streaming/in-memory throughput >= 0.9.
@@ -53,8 +53,8 @@ bundle, data, threads, batch_size = sys.argv[1], sys.argv[2], int(sys.argv[3]), 
 from ptycho_ml.config import InferenceConfig
 from ptycho_ml.data.readers import load_scan
 from ptycho_ml.data.scan import ScanData
-from ptycho_ml.model_io import load_model_bundle
-from ptycho_ml.reconstruct import reconstruct
+from ptycho_ml.model.bundle_io import load_model_bundle
+from ptycho_ml.inference.reconstruct import reconstruct
 
 t0 = time.perf_counter()
 disk = load_scan(data)

@@ -465,7 +465,7 @@ def reconstruct(scan: dict, args) -> dict:
 
 
 # --------------------------------------------------------------------------
-# Quick metrics (self-contained; the project's ptycho_ml.metrics is the reference)
+# Quick metrics (self-contained; the project's ptycho_ml.inference.metrics is the reference)
 
 
 def quick_metrics(obj: np.ndarray, truth: np.ndarray, x: np.ndarray, y: np.ndarray) -> dict:
@@ -525,7 +525,7 @@ def summary(rec: dict, scan: dict) -> dict:
 def make_noise_free(path: Path, integer_positions: bool) -> None:
     """Write the default test scan without noise (ptycho_ml must be importable)."""
     sys.path.insert(0, str(REPO_ROOT))
-    from ptycho_ml import simulate as sim
+    from ptycho_ml.physics import simulate as sim
 
     cfg = sim.default_configs()["test"]
     if integer_positions:

@@ -32,13 +32,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ptycho_ml import metrics, simulate
+from ptycho_ml.inference import metrics
+from ptycho_ml.physics import simulate
 from ptycho_ml.config import InferenceConfig, TrainingConfig
 from ptycho_ml.data import load_scan
-from ptycho_ml.model_io import load_model_bundle
-from ptycho_ml.reconstruct import inference_probe, reconstruct
-from ptycho_ml.refine import refine_object
-from ptycho_ml.train import train
+from ptycho_ml.model.bundle_io import load_model_bundle
+from ptycho_ml.inference.reconstruct import inference_probe, reconstruct
+from ptycho_ml.physics.refine import refine_object
+from ptycho_ml.model.training import train
 
 HERE = Path(__file__).resolve().parent
 

@@ -28,10 +28,10 @@ import numpy as np
 import requests
 import torch
 
-from ptycho_ml import simulate
+from ptycho_ml.physics import simulate
 from ptycho_ml.config import ModelConfig
 from ptycho_ml.data import load_scan
-from ptycho_ml.serving_client import JSON, PARQUET, to_json_payload, to_parquet_payload
+from ptycho_ml.lifecycle.serving_client import JSON, PARQUET, to_json_payload, to_parquet_payload
 
 HERE = Path(__file__).resolve().parent
 
@@ -65,8 +65,8 @@ def main() -> None:
     import mlflow
 
     from ptycho_ml import flavor
-    from ptycho_ml.model_io import load_model_bundle
-    from ptycho_ml.network import DiffractionToObject
+    from ptycho_ml.model.bundle_io import load_model_bundle
+    from ptycho_ml.model.network import DiffractionToObject
 
     if args.bundle:
         model, _ = load_model_bundle(args.bundle)

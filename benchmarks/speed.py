@@ -25,14 +25,14 @@ from pathlib import Path
 
 import torch
 
-from ptycho_ml import simulate
+from ptycho_ml.physics import simulate
 from ptycho_ml.config import InferenceConfig, ModelConfig
 from ptycho_ml.data import load_scan
 from ptycho_ml.data.grouping import partition_groups
-from ptycho_ml.lit_module import physics_step
-from ptycho_ml.model_io import load_model_bundle
-from ptycho_ml.network import DiffractionToObject, flops_per_pattern
-from ptycho_ml.reconstruct import inference_probe, reconstruct
+from ptycho_ml.model.module import physics_step
+from ptycho_ml.model.bundle_io import load_model_bundle
+from ptycho_ml.model.network import DiffractionToObject, flops_per_pattern
+from ptycho_ml.inference.reconstruct import inference_probe, reconstruct
 
 HERE = Path(__file__).resolve().parent
 

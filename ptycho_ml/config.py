@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
-from .errors import PtychoInputError
+from ptycho_ml.errors import PtychoInputError
 
 T = TypeVar("T")
 
@@ -108,7 +108,7 @@ def _positive(cls: str, name: str, value: float) -> None:
 
 @dataclass(frozen=True)
 class SimulationConfig(ConfigBase):
-    """Parameters of one simulated scan (see :mod:`ptycho_ml.simulate`)."""
+    """Parameters of one simulated scan (see :mod:`ptycho_ml.physics.simulate`)."""
 
     N: int = 64
     object_size_px: int = 256

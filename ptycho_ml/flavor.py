@@ -1,6 +1,6 @@
 """The ``ptycho_ml`` MLflow flavour, shaped like MLflow's own flavour modules.
 
-The model data is the ``wts.h5.zip`` bundle (:mod:`ptycho_ml.bundle`); the
+The model data is the ``wts.h5.zip`` bundle (:mod:`ptycho_ml.model.bundle`); the
 package's own code travels with the model (``code_paths``) so that a fresh
 serving environment can import it. ``load_model`` returns the native torch
 module; ``_load_pyfunc`` wraps it for ``mlflow.pyfunc`` and ``mlflow models serve``.
@@ -88,7 +88,7 @@ def default_input_example(model) -> dict[str, np.ndarray]:
     """A real one-frame example: the diffraction of a uniform object under the model's own probe."""
     import torch
 
-    from . import physics
+    from ptycho_ml.physics import forward as physics
 
     N = model.cfg.N
     with torch.no_grad():
@@ -103,9 +103,9 @@ def _package_dir() -> str:
 def save_model(model, path, conda_env=None, code_paths=None, mlflow_model=None, signature=None,
                input_example=None, pip_requirements=None, extra_pip_requirements=None, metadata=None,
                bundle_extra: dict | None = None):
-    """Save a ptycho_ml model (a :class:`~ptycho_ml.network.DiffractionToObject` or a bundle path) as an MLflow model at ``path``."""
-    from .model_io import load_model_bundle, save_model_bundle
-    from .network import DiffractionToObject
+    """Save a ptycho_ml model (a :class:`~ptycho_ml.model.network.DiffractionToObject` or a bundle path) as an MLflow model at ``path``."""
+    from ptycho_ml.model.bundle_io import load_model_bundle, save_model_bundle
+    from ptycho_ml.model.network import DiffractionToObject
 
     _validate_env_arguments(conda_env, pip_requirements, extra_pip_requirements)
     path = os.path.abspath(path)
@@ -128,7 +128,7 @@ def save_model(model, path, conda_env=None, code_paths=None, mlflow_model=None, 
     mlflow_model.signature = signature or model_signature(model.cfg.N)
     if metadata is not None:
         mlflow_model.metadata = metadata
-    from . import __version__
+    from ptycho_ml import __version__
 
     pyfunc.add_to_model(mlflow_model, loader_module="ptycho_ml.flavor", data=_DATA_SUBPATH,
                         code=code_dir_subpath, conda_env=_CONDA_ENV_FILE_NAME, python_env=_PYTHON_ENV_FILE_NAME)
@@ -168,8 +168,8 @@ def _bundle_path(local_model_path: str) -> str:
 
 
 def load_model(model_uri: str, dst_path: str | None = None):
-    """Load the native torch model (:class:`~ptycho_ml.network.DiffractionToObject`, eval mode) from any MLflow model URI."""
-    from .model_io import load_model_bundle
+    """Load the native torch model (:class:`~ptycho_ml.model.network.DiffractionToObject`, eval mode) from any MLflow model URI."""
+    from ptycho_ml.model.bundle_io import load_model_bundle
 
     local = _download_artifact_from_uri(artifact_uri=model_uri, output_path=dst_path)
     return load_model_bundle(_bundle_path(local))[0]
@@ -177,7 +177,7 @@ def load_model(model_uri: str, dst_path: str | None = None):
 
 def _load_pyfunc(path: str, model_config: dict | None = None):
     """Called by ``mlflow.pyfunc.load_model``: ``path`` is the model's ``data`` directory."""
-    from .model_io import load_model_bundle
+    from ptycho_ml.model.bundle_io import load_model_bundle
 
     bundle = os.path.join(path, BUNDLE_NAME) if os.path.isdir(path) else path
     return PtychoPyfuncModel(load_model_bundle(bundle)[0])
@@ -188,7 +188,7 @@ def _bad_request(message: str) -> MlflowException:
 
 
 class PtychoPyfuncModel:
-    """pyfunc wrapper over :func:`ptycho_ml.reconstruct.reconstruct` (shared with the batch CLI)."""
+    """pyfunc wrapper over :func:`ptycho_ml.inference.reconstruct.reconstruct` (shared with the batch CLI)."""
 
     def __init__(self, model):
         self.model = model
@@ -197,9 +197,9 @@ class PtychoPyfuncModel:
         return self.model
 
     def predict(self, data: Any, params: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
-        from .config import InferenceConfig
-        from .errors import PtychoInputError
-        from .reconstruct import predict_patches, reconstruct
+        from ptycho_ml.config import InferenceConfig
+        from ptycho_ml.errors import PtychoInputError
+        from ptycho_ml.inference.reconstruct import predict_patches, reconstruct
 
         params = dict(params or {})
         output = params.get("output", "object")
@@ -238,7 +238,7 @@ class PtychoPyfuncModel:
         return diffraction, positions
 
     def _scan(self, diffraction: np.ndarray, positions: np.ndarray, height: int, width: int):
-        from .data.scan import ScanData, check_positions_inside, derive_obj_shape
+        from ptycho_ml.data.scan import ScanData, check_positions_inside, derive_obj_shape
 
         N = self.model.cfg.N
         positions = positions.astype(np.float64)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ptycho_ml import simulate
+from ptycho_ml.physics import simulate
 from simdata import tiny_config
 
 torch.set_num_threads(1)

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 import ptycho_ml
-from ptycho_ml import bundle as bundle_mod
-from ptycho_ml.bundle import FORMAT_VERSION, REQUIRED_MODELS, inspect_bundle, read_bundle, write_bundle
+from ptycho_ml.model import bundle as bundle_mod
+from ptycho_ml.model.bundle import FORMAT_VERSION, REQUIRED_MODELS, inspect_bundle, read_bundle, write_bundle
 from ptycho_ml.errors import PtychoInputError
 
 
@@ -471,7 +471,7 @@ def test_links_and_bad_probe_rejected(good: Path, tmp_path: Path) -> None:
 
 
 def test_imports_neither_torch_nor_mlflow() -> None:
-    code = "import sys, ptycho_ml.bundle; print(sorted({'torch', 'mlflow'} & set(sys.modules)))"
+    code = "import sys, ptycho_ml.model.bundle; print(sorted({'torch', 'mlflow'} & set(sys.modules)))"
     env = {**os.environ, "PYTHONPATH": str(Path(ptycho_ml.__file__).parents[1])}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -114,7 +114,7 @@ def test_convert_both_ways_and_refuse_to_overwrite(runner, tmp_path, tiny_npz):
 
 
 def test_mlflow_entry_rejects_other_backends_before_any_work():
-    from ptycho_ml.mlflow_entry import cli
+    from ptycho_ml.lifecycle.tracking import cli
 
     result = CliRunner().invoke(cli, ["train", "--backend", "tensorflow"])
     assert result.exit_code == 2
@@ -123,7 +123,7 @@ def test_mlflow_entry_rejects_other_backends_before_any_work():
 
 def test_config_params_are_flattened_with_a_prefix():
     from ptycho_ml.config import TrainingConfig
-    from ptycho_ml.mlflow_entry import flatten_params
+    from ptycho_ml.lifecycle.tracking import flatten_params
 
     params = flatten_params(TrainingConfig().to_dict())
     assert params["cfg.model.gridsize"] == "2" and params["cfg.epochs"] == "10"

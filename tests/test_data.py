@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from ptycho_ml import simulate
+from ptycho_ml.physics import simulate
 from ptycho_ml.data import IntensityWarning, load_scan
 from ptycho_ml.data.grouping import make_groups, partition_groups, split_indices
 from ptycho_ml.data.npz import write_npz

@@ -8,8 +8,8 @@ import yaml
 from ptycho_ml import flavor
 from ptycho_ml.config import InferenceConfig, ModelConfig
 from ptycho_ml.data import load_scan
-from ptycho_ml.network import DiffractionToObject
-from ptycho_ml.reconstruct import predict_patches, reconstruct
+from ptycho_ml.model.network import DiffractionToObject
+from ptycho_ml.inference.reconstruct import predict_patches, reconstruct
 
 
 @pytest.fixture(scope="module", params=[1, 2])
@@ -32,7 +32,7 @@ def test_mlmodel_lists_both_flavours_signature_and_example(saved):
     assert set(mlmodel["flavors"]) == {"ptycho_ml", "python_function"}
     assert mlmodel["flavors"]["ptycho_ml"]["bundle"] == "data/wts.h5.zip"
     assert "diffraction" in mlmodel["signature"]["inputs"] and "refine_steps" in mlmodel["signature"]["params"]
-    assert (path / "input_example.json").is_file() and (path / "code" / "ptycho_ml" / "network.py").is_file()
+    assert (path / "input_example.json").is_file() and (path / "code" / "ptycho_ml" / "model" / "network.py").is_file()
     requirements = (path / "requirements.txt").read_text().split()
     assert any(r.startswith("torch==") for r in requirements) and not any("+" in r for r in requirements)
 

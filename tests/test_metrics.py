@@ -1,4 +1,4 @@
-"""Invariants of ptycho_ml.metrics on small seeded images (no golden numbers)."""
+"""Invariants of ptycho_ml.inference.metrics on small seeded images (no golden numbers)."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
 
-from ptycho_ml import metrics as M
+from ptycho_ml.inference import metrics as M
 from ptycho_ml.errors import PtychoInputError
 
 
@@ -162,7 +162,7 @@ def test_pure_phase_object_amplitude_metrics_are_finite():
 
 
 def test_centres_box_matches_the_probe_free_scanned_region():
-    from ptycho_ml.metrics import centres_box, region_box, scanned_region
+    from ptycho_ml.inference.metrics import centres_box, region_box, scanned_region
 
     rng = np.random.default_rng(3)
     pos = rng.uniform(20, 80, size=(50, 2))

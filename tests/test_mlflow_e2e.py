@@ -164,7 +164,7 @@ def test_served_model_answers_json_and_parquet_like_in_process(server, lifecycle
     import mlflow
     import requests
 
-    from ptycho_ml.serving_client import to_json_payload, to_parquet_payload
+    from ptycho_ml.lifecycle.serving_client import to_json_payload, to_parquet_payload
 
     diffraction, positions = _request_arrays(tiny_test_npz)
     mlflow.set_tracking_uri(lifecycle["env"]["MLFLOW_TRACKING_URI"])
@@ -189,7 +189,7 @@ def test_served_model_answers_json_and_parquet_like_in_process(server, lifecycle
 def test_malformed_requests_get_4xx_and_the_server_keeps_serving(server, tiny_test_npz):
     import requests
 
-    from ptycho_ml.serving_client import to_json_payload
+    from ptycho_ml.lifecycle.serving_client import to_json_payload
 
     diffraction, positions = _request_arrays(tiny_test_npz, 5)
     bad = [

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from ptycho_ml import losses, physics, simulate
-from ptycho_ml.stitching import stitch
+from ptycho_ml.physics import losses
+from ptycho_ml.physics import forward as physics
+from ptycho_ml.physics import simulate
+from ptycho_ml.physics.stitching import stitch
 
 from simdata import tiny_config
 

@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 import pytest
 
-from ptycho_ml import simulate
+from ptycho_ml.physics import simulate
 from ptycho_ml.data import IntensityWarning, ScanData, load_scan
 from ptycho_ml.data.ptychodus import (
     DEFAULT_GEOMETRY,

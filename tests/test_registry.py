@@ -15,13 +15,14 @@ import torch
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
-from ptycho_ml import flavor, registry
+from ptycho_ml import flavor
+from ptycho_ml.lifecycle import registry
 from ptycho_ml.cli import _Group
-from ptycho_ml.cli_registry import models, promote
+from ptycho_ml.cli.registry_commands import models, promote
 from ptycho_ml.config import ModelConfig
 from ptycho_ml.errors import PtychoInputError
-from ptycho_ml.model_io import save_model_bundle
-from ptycho_ml.network import DiffractionToObject
+from ptycho_ml.model.bundle_io import save_model_bundle
+from ptycho_ml.model.network import DiffractionToObject
 
 N = 32
 # Held-out metrics of the logged runs: "good" passes Production, "fair" only

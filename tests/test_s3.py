@@ -267,8 +267,8 @@ def test_mlflow_server_stores_model_in_s3_and_serves_it(uploaded, trained_bundle
 
     from ptycho_ml import flavor
     from ptycho_ml.data.readers import load_scan
-    from ptycho_ml.model_io import load_model_bundle
-    from ptycho_ml.serving_client import decode_predictions, to_json_payload
+    from ptycho_ml.model.bundle_io import load_model_bundle
+    from ptycho_ml.lifecycle.serving_client import decode_predictions, to_json_payload
 
     env = dict(os.environ)
     env.pop("MLFLOW_RUN_ID", None)

@@ -4,16 +4,17 @@ import numpy as np
 import pytest
 import torch
 
-from ptycho_ml import metrics, physics
+from ptycho_ml.inference import metrics
+from ptycho_ml.physics import forward as physics
 from ptycho_ml.config import InferenceConfig, ModelConfig, TrainingConfig
 from ptycho_ml.data import load_scan
 from ptycho_ml.data.scan import ScanData
 from ptycho_ml.errors import PtychoInputError
-from ptycho_ml.model_io import load_model_bundle, save_model_bundle
-from ptycho_ml.network import DiffractionToObject
-from ptycho_ml.reconstruct import network_object, reconstruct
-from ptycho_ml.refine import refine_object
-from ptycho_ml.train import train
+from ptycho_ml.model.bundle_io import load_model_bundle, save_model_bundle
+from ptycho_ml.model.network import DiffractionToObject
+from ptycho_ml.inference.reconstruct import network_object, reconstruct
+from ptycho_ml.physics.refine import refine_object
+from ptycho_ml.model.training import train
 
 
 def _config(tmp_path, data, test=None, **changes):
@@ -117,7 +118,7 @@ def test_refinement_lowers_the_data_loss_and_improves_the_object(trained, tiny_t
 
 
 def test_refinement_recovers_a_known_object_from_noise_free_data():
-    from ptycho_ml import simulate
+    from ptycho_ml.physics import simulate
     from simdata import tiny_config
 
     cfg = tiny_config(nphotons=1e6)
@@ -140,7 +141,7 @@ def test_finetune_variant_runs_and_keeps_the_original_model(trained, tiny_test_n
 
 
 def test_wrong_pattern_size_is_a_clear_error(trained, tmp_path):
-    from ptycho_ml import simulate
+    from ptycho_ml.physics import simulate
     from simdata import tiny_config
 
     path = simulate.write_simulated(simulate.simulate_scan(tiny_config(N=16, object_size_px=40)), tmp_path / "n16.npz")

@@ -1,6 +1,6 @@
 """Data layer: readers/writers per format, validation, grouping, datasets."""
 
-from .readers import IntensityWarning, load_scan
-from .scan import ScanData
+from ptycho_ml.data.readers import IntensityWarning, load_scan
+from ptycho_ml.data.scan import ScanData
 
 __all__ = ["IntensityWarning", "ScanData", "load_scan"]

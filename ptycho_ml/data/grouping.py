@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.spatial import cKDTree
 
-from ..errors import PtychoInputError
+from ptycho_ml.errors import PtychoInputError
 
 
 def make_groups(positions_px: np.ndarray, gridsize: int, seed: int, n_neighbours: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import atomic_path
-from ..errors import PtychoInputError
+from ptycho_ml.data.atomic import atomic_path
+from ptycho_ml.errors import PtychoInputError
 
 _FIXED_TIME = (1980, 1, 1, 0, 0, 0)
 # Members at least this large are read on demand instead of loaded.

@@ -32,9 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from ..atomic import atomic_path
-from ..errors import PtychoInputError, field_error
-from .scan import ScanData, check_positions_inside
+from ptycho_ml.data.atomic import atomic_path
+from ptycho_ml.errors import PtychoInputError, field_error
+from ptycho_ml.data.scan import ScanData, check_positions_inside
 
 PRODUCT_FILE = "product.h5"
 DIFFRACTION_FILE = "diffraction.h5"
@@ -497,7 +497,7 @@ def ptychodus_to_npz(scan: ScanData, out_path: str | Path, batch: int = 1024) ->
     (when any), and ``metadata`` JSON (keeps the ptychodus geometry, so
     :func:`npz_to_ptychodus` can write it back).
     """
-    from .npz import write_npz
+    from ptycho_ml.data.npz import write_npz
 
     M, N = len(scan), scan.N
 

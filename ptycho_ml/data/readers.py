@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import PtychoInputError, field_error
-from .npz import StoredArray, open_npz_member
-from .scan import ScanData, check_positions_inside, check_values, derive_obj_shape
+from ptycho_ml.errors import PtychoInputError, field_error
+from ptycho_ml.data.npz import StoredArray, open_npz_member
+from ptycho_ml.data.scan import ScanData, check_positions_inside, check_values, derive_obj_shape
 
 ZIP_MAGIC = b"PK\x03\x04"
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
@@ -55,7 +55,7 @@ def load_scan(path: str | Path, *, product: str | Path | None = None) -> ScanDat
     ``product`` is the ptychodus ``product.h5`` paired with a ptychodus
     ``diffraction.h5``; when omitted, a ``product.h5`` beside it is used.
     """
-    from ..storage import local_path  # storage imports nothing from data
+    from ptycho_ml.data.storage import local_path  # storage imports nothing from data
 
     path = local_path(str(path))
     kind = sniff_format(path)
@@ -69,7 +69,7 @@ def load_scan(path: str | Path, *, product: str | Path | None = None) -> ScanDat
     except OSError as exc:
         raise PtychoInputError(f"{path}: unreadable HDF5 file ({exc}), expected a valid (not truncated) HDF5 scan") from None
     if is_ptychodus:
-        from .ptychodus import load_ptychodus_pair
+        from ptycho_ml.data.ptychodus import load_ptychodus_pair
 
         return load_ptychodus_pair(path, local_path(str(product)) if product else None)
     return _load_hdf5(path)

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import PtychoInputError, field_error
+from ptycho_ml.errors import PtychoInputError, field_error
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Path: every pattern (batched, at its real position) -> one network forward
 pass -> vectorised probe-weighted stitching -> optional physics-consistent
-refinement on the scan (:mod:`ptycho_ml.refine`) or self-supervised
+refinement on the scan (:mod:`ptycho_ml.physics.refine`) or self-supervised
 fine-tuning of the network on the scan. Memory is bounded by the batch.
 """
 
@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .config import InferenceConfig, available_cpu_threads
-from .data.grouping import make_groups, partition_groups
-from .data.scan import ScanData
-from .errors import PtychoInputError
-from .network import DiffractionToObject, intensity_of
-from .refine import refine_object
-from .stitching import Stitcher
+from ptycho_ml.config import InferenceConfig, available_cpu_threads
+from ptycho_ml.data.grouping import make_groups, partition_groups
+from ptycho_ml.data.scan import ScanData
+from ptycho_ml.errors import PtychoInputError
+from ptycho_ml.model.network import DiffractionToObject, intensity_of
+from ptycho_ml.physics.refine import refine_object
+from ptycho_ml.physics.stitching import Stitcher
 
 
 @dataclass
@@ -121,7 +121,7 @@ def network_object(model: DiffractionToObject, scan: ScanData, batch_size: int =
 def finetune_on_scan(model: DiffractionToObject, scan: ScanData, epochs: int, batch_size: int = 32,
                      learning_rate: float = 5e-4, seed: int = 0) -> DiffractionToObject:
     """Self-supervised fine-tuning of a copy of the network on the scan itself (Poisson loss, no ground truth)."""
-    from .lit_module import physics_step
+    from ptycho_ml.model.module import physics_step
 
     tuned = copy.deepcopy(model).train()
     opt = torch.optim.Adam(tuned.generator.parameters(), lr=learning_rate)

@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from .errors import PtychoInputError
+from ptycho_ml.errors import PtychoInputError
 
 SUPPORTED_BACKENDS = ("torch",)
 
@@ -42,8 +42,8 @@ def flatten_params(config: dict[str, Any], prefix: str = "cfg.") -> dict[str, st
 def _log_previews(obj, scan, artifact_dir: str, title: str) -> None:
     import mlflow
 
-    from .metrics import centres_box
-    from .outputs import write_previews
+    from ptycho_ml.inference.metrics import centres_box
+    from ptycho_ml.inference.outputs import write_previews
 
     region = centres_box(scan.positions_px, scan.obj_shape)
     with tempfile.TemporaryDirectory() as tmp:
@@ -85,9 +85,9 @@ def train(backend, data, test_data, epochs, gridsize, preset, seed, register_as,
 def _train(data, test_data, epochs, gridsize, preset, seed, register_as, time_limit_s, output_dir, quiet) -> None:
     import mlflow
 
-    from . import flavor
-    from .config import TrainingConfig
-    from .train import train as run_train
+    from ptycho_ml import flavor
+    from ptycho_ml.config import TrainingConfig
+    from ptycho_ml.model.training import train as run_train
 
     config = TrainingConfig.from_dict({"data": data, "test_data": test_data, "epochs": epochs, "seed": seed,
                                        "model": {"preset": preset, "gridsize": gridsize},
@@ -125,7 +125,7 @@ def simulate(out_dir, N, seed):
     """Simulate the default train/test scans and log them as artifacts."""
     import mlflow
 
-    from . import simulate as sim
+    from ptycho_ml.physics import simulate as sim
 
     with mlflow.start_run():
         for name, cfg in sim.default_configs(N=N, seed=seed).items():
@@ -142,8 +142,8 @@ def evaluate(model_uri, data, refine_steps):
     """Evaluate a registered/logged model on a scan with ground truth; logs the metrics."""
     import mlflow
 
-    from .evaluate import evaluate_against_truth
-    from .registry import load_native_model
+    from ptycho_ml.inference.evaluate import evaluate_against_truth
+    from ptycho_ml.lifecycle.registry import load_native_model
 
     try:
         model = load_native_model(model_uri)
@@ -166,10 +166,10 @@ def reconstruct(model_uri, data, out_dir, refine_steps):
     """Reconstruct a scan with a model from the registry; logs the outputs as artifacts."""
     import mlflow
 
-    from .config import InferenceConfig
-    from .data.readers import load_scan
-    from .reconstruct_job import run_reconstruction
-    from .registry import load_native_model
+    from ptycho_ml.config import InferenceConfig
+    from ptycho_ml.data.readers import load_scan
+    from ptycho_ml.inference.job import run_reconstruction
+    from ptycho_ml.lifecycle.registry import load_native_model
 
     try:
         model = load_native_model(model_uri)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import click
 
-from . import __version__
-from .errors import PtychoInputError
+from ptycho_ml import __version__
+from ptycho_ml.errors import PtychoInputError
 
 _DEBUG = {"on": False}
 
@@ -60,7 +60,7 @@ def _warnings_to_stderr() -> None:
 @click.option("--which", default="train,test", show_default=True, help="Which scans to write.")
 def simulate(out_dir, N, seed, nphotons, scan, probe_kind, probe_file, families, which):
     """Simulate the default training scan and a held-out test scan (PtychoPINN NPZ with ground truth)."""
-    from . import simulate as sim
+    from ptycho_ml.physics import simulate as sim
 
     changes = {k: v for k, v in {"nphotons": nphotons, "scan": scan, "probe_kind": probe_kind,
                                  "probe_file": probe_file or None,
@@ -100,9 +100,9 @@ def simulate(out_dir, N, seed, nphotons, scan, probe_kind, probe_file, families,
 def train(data, test_data, output_dir, preset, gridsize, epochs, batch_size, learning_rate, loss, seed,
           accelerator, threads, resume, time_limit_s, config_file, quiet):
     """Train a PINN reconstructor; writes OUT/wts.h5.zip."""
-    from .config import TrainingConfig
-    from .metrics import format_table
-    from .train import train as run_train
+    from ptycho_ml.config import TrainingConfig
+    from ptycho_ml.inference.metrics import format_table
+    from ptycho_ml.model.training import train as run_train
 
     _warnings_to_stderr()
     base = _read_json(config_file) if config_file else {}
@@ -148,10 +148,10 @@ def _load_model(bundle, model_uri, name, stage, alias, model_version):
     if bundle and (model_uri or stage or alias or model_version):
         raise PtychoInputError("--bundle: found together with --model/--stage/--alias/--version, expected one model source")
     if bundle:
-        from .model_io import load_model_bundle
+        from ptycho_ml.model.bundle_io import load_model_bundle
 
         return load_model_bundle(bundle)[0], bundle
-    from .registry import load_native_model, resolve_model_uri
+    from ptycho_ml.lifecycle.registry import load_native_model, resolve_model_uri
 
     uri = resolve_model_uri(model_uri, name=name, stage=stage, alias=alias, version=model_version)
     return load_native_model(uri), uri
@@ -172,9 +172,9 @@ def _load_model(bundle, model_uri, name, stage, alias, model_version):
 def reconstruct(bundle, model_uri, name, stage, alias, model_version, data, product, out_dir, refine_steps,
                 refine_method, batch_size, threads, metrics, quiet):
     """Reconstruct every pattern of a scan, stitch, refine; writes object.h5, PNGs and product.h5."""
-    from .config import InferenceConfig
-    from .data.readers import load_scan
-    from .reconstruct_job import run_reconstruction
+    from ptycho_ml.config import InferenceConfig
+    from ptycho_ml.data.readers import load_scan
+    from ptycho_ml.inference.job import run_reconstruction
 
     _warnings_to_stderr()
     if not (bundle or model_uri or stage or alias or model_version):
@@ -199,7 +199,7 @@ def reconstruct(bundle, model_uri, name, stage, alias, model_version, data, prod
 @click.option("--json", "json_out", default=None, help="Write the metrics as JSON here.")
 def evaluate(recon, bundle, model_uri, name, stage, alias, model_version, data, refine_steps, json_out):
     """SSIM, PSNR, MAE and FRC (amplitude and phase) of a reconstruction against ground truth."""
-    from .evaluate import evaluate_against_truth
+    from ptycho_ml.inference.evaluate import evaluate_against_truth
 
     _warnings_to_stderr()
     model = source = None
@@ -210,7 +210,7 @@ def evaluate(recon, bundle, model_uri, name, stage, alias, model_version, data, 
     table, metrics = evaluate_against_truth(data, reconstruction=recon, model=model, refine_steps=refine_steps)
     click.echo(table)
     if json_out:
-        from .storage import OutputLocation, is_s3
+        from ptycho_ml.data.storage import OutputLocation, is_s3
 
         if is_s3(json_out):
             parent, fname = json_out.rsplit("/", 1)
@@ -232,9 +232,9 @@ def evaluate(recon, bundle, model_uri, name, stage, alias, model_version, data, 
 @click.option("--out", "out", required=True, help="Output directory (ptychodus) or .npz path (npz); s3:// allowed.")
 def convert(input_path, product, target, out):
     """Convert scans between PtychoPINN NPZ and ptychodus 1.7.0 files, both ways (streams large scans)."""
-    from .data.ptychodus import npz_to_ptychodus, ptychodus_to_npz
-    from .data.readers import load_scan
-    from .storage import OutputLocation, is_s3
+    from ptycho_ml.data.ptychodus import npz_to_ptychodus, ptychodus_to_npz
+    from ptycho_ml.data.readers import load_scan
+    from ptycho_ml.data.storage import OutputLocation, is_s3
 
     _warnings_to_stderr()
     scan = load_scan(input_path, product=product)
@@ -263,14 +263,14 @@ def convert(input_path, product, target, out):
 @click.argument("bundle_path")
 def inspect(bundle_path):
     """Show a wts.h5.zip bundle's manifest, models and configuration (loads no weights)."""
-    from .bundle import inspect_bundle
-    from .storage import local_path
+    from ptycho_ml.model.bundle import inspect_bundle
+    from ptycho_ml.data.storage import local_path
 
     click.echo(json.dumps(inspect_bundle(local_path(bundle_path)), indent=2, default=str))
 
 
 def _register_lifecycle_commands() -> None:
-    from .cli_registry import models, promote
+    from ptycho_ml.cli.registry_commands import models, promote
 
     main.add_command(promote)
     main.add_command(models)

@@ -1,7 +1,7 @@
 """Synthetic ptychography: objects, probes, scans and Poisson-noisy diffraction.
 
 Everything is seeded: the same :class:`~ptycho_ml.config.SimulationConfig`
-gives byte-identical NPZ files. The forward model is :mod:`ptycho_ml.physics`
+gives byte-identical NPZ files. The forward model is :mod:`ptycho_ml.physics.forward`
 itself, so simulated data and reconstruction share one set of conventions.
 """
 
@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from . import physics
-from .config import SimulationConfig
-from .errors import PtychoInputError
+from ptycho_ml.physics import forward as physics
+from ptycho_ml.config import SimulationConfig
+from ptycho_ml.errors import PtychoInputError
 
 # --------------------------------------------------------------------------
 # Objects: real maps t in [0, 1] per family, combined into a complex object
@@ -212,7 +212,7 @@ def simulate_scan(cfg: SimulationConfig) -> SimulatedScan:
     probe = make_probe(cfg)
     positions = make_positions(cfg, rng)
     amplitude = simulate_diffraction(obj, probe, positions, rng)
-    metadata = {"generator": "ptycho_ml.simulate", "config": cfg.to_dict(), "nphotons": cfg.nphotons,
+    metadata = {"generator": "ptycho_ml.physics.simulate", "config": cfg.to_dict(), "nphotons": cfg.nphotons,
                 "seed": cfg.seed, "families": list(cfg.object_families)}
     return SimulatedScan(amplitude, probe, positions, obj, metadata)
 
@@ -236,7 +236,7 @@ def default_configs(N: int = 64, seed: int = 0) -> dict[str, SimulationConfig]:
 
 def write_simulated(scan: SimulatedScan, path: str | Path) -> Path:
     """Write a scan as PtychoPINN NPZ (with ground truth) via :mod:`ptycho_ml.data.npz`."""
-    from .data.npz import write_npz  # local: data imports nothing from simulate
+    from ptycho_ml.data.npz import write_npz  # local: data imports nothing from simulate
 
     return write_npz(path, {
         "diffraction": scan.amplitude,
@@ -358,7 +358,7 @@ def simulate_large_scan(path: str | Path, cfg: SimulationConfig, n_patterns: int
     ``diffraction (M, N, N) float32``, ``probeGuess``, ``xcoords``,
     ``ycoords``, ``objectGuess``, ``scan_index``, ``metadata``.
     """
-    from .data.npz import write_npz  # local: data imports nothing from simulate
+    from ptycho_ml.data.npz import write_npz  # local: data imports nothing from simulate
 
     if chunk < 1:
         raise PtychoInputError(f"simulate_large_scan: chunk: found {chunk}, expected >= 1")
@@ -378,7 +378,7 @@ def simulate_large_scan(path: str | Path, cfg: SimulationConfig, n_patterns: int
             chunk_rng = np.random.default_rng([cfg.seed, 1, i])
             yield simulate_diffraction(obj, probe, positions[start:start + chunk], chunk_rng)
 
-    metadata = {"generator": "ptycho_ml.simulate.simulate_large_scan", "config": cfg.to_dict(),
+    metadata = {"generator": "ptycho_ml.physics.simulate.simulate_large_scan", "config": cfg.to_dict(),
                 "nphotons": cfg.nphotons, "seed": cfg.seed, "families": list(cfg.object_families),
                 "n_patterns": n_patterns, "chunk": chunk, "raster_side": k}
     return write_npz(path, {

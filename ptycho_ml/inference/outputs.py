@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_path
+from ptycho_ml.data.atomic import atomic_path
 
 
 def write_object_h5(path: str | Path, obj: np.ndarray, attrs: dict | None = None,

@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .errors import PtychoInputError, field_error
+from ptycho_ml.errors import PtychoInputError, field_error
 
 DEFAULT_MODEL_NAME = "ptychopinn"
 STAGES = ("None", "Staging", "Production", "Archived")
@@ -127,7 +127,7 @@ def _is_local(uri: str) -> bool:
 
 
 def load_native_model(uri: str):
-    """Load the native torch model (:class:`~ptycho_ml.network.DiffractionToObject`, eval mode).
+    """Load the native torch model (:class:`~ptycho_ml.model.network.DiffractionToObject`, eval mode).
 
     A ``.zip`` bundle (local or ``s3://``), or a directory holding ``wts.h5.zip``
     but no ``MLmodel``, is read directly; anything else goes through
@@ -135,7 +135,7 @@ def load_native_model(uri: str):
     registry now. A missing model, version, alias or stage holder is a one-line
     :class:`PtychoInputError` naming the URI and what the registry holds.
     """
-    from .model_io import load_model_bundle
+    from ptycho_ml.model.bundle_io import load_model_bundle
 
     uri = str(uri)
     if _is_local(uri):
@@ -151,7 +151,7 @@ def load_native_model(uri: str):
         return load_model_bundle(uri)[0]
     from mlflow.exceptions import MlflowException
 
-    from . import flavor
+    from ptycho_ml import flavor
 
     try:
         return flavor.load_model(uri)
@@ -222,7 +222,7 @@ def policy_path(path: str | os.PathLike | None = None) -> Path:
         if not Path(env).is_file():
             raise PtychoInputError(f"${POLICY_ENV}: found {env!r}, which is not a file, expected a TOML promotion policy")
         return Path(env)
-    candidates = [Path.cwd() / "registry" / "policy.toml", Path(__file__).resolve().parents[1] / "registry" / "policy.toml"]
+    candidates = [Path.cwd() / "registry" / "policy.toml", Path(__file__).resolve().parents[2] / "registry" / "policy.toml"]
     for candidate in candidates:
         if candidate.is_file():
             return candidate

@@ -12,7 +12,7 @@ Conventions
   floats.
 * Positions ``(M, 2)`` float are patch centres in object pixels, columns
   ``(x, y)`` (x = column, y = row); the N×N patch centred at integer (y, x)
-  spans rows ``y - N/2 … y + N/2 - 1`` (same as :mod:`ptycho_ml.physics`).
+  spans rows ``y - N/2 … y + N/2 - 1`` (same as :mod:`ptycho_ml.physics.forward`).
 * Identical images give PSNR ``inf`` (MSE = 0); SSIM 1, MAE 0, FRC 2 px.
 
 numpy / scipy / scikit-image only (no torch, no mlflow).

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import physics
-from .losses import poisson_nll
-from .data.scan import ScanData
-from .network import intensity_of
+from ptycho_ml.physics import forward as physics
+from ptycho_ml.physics.losses import poisson_nll
+from ptycho_ml.data.scan import ScanData
+from ptycho_ml.model.network import intensity_of
 
 
 @dataclass

@@ -19,16 +19,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from . import metrics as metrics_mod
-from .config import InferenceConfig, TrainingConfig
-from .data.grouping import make_groups, split_indices
-from .data.readers import load_scan
-from .data.scan import ScanData
-from .errors import PtychoInputError
-from .lit_module import PtychoLitModule
-from .model_io import save_model_bundle
-from .network import DiffractionToObject, count_parameters, flops_per_pattern
-from .reconstruct import ReconstructionResult, reconstruct
+from ptycho_ml.inference import metrics as metrics_mod
+from ptycho_ml.config import InferenceConfig, TrainingConfig
+from ptycho_ml.data.grouping import make_groups, split_indices
+from ptycho_ml.data.readers import load_scan
+from ptycho_ml.data.scan import ScanData
+from ptycho_ml.errors import PtychoInputError
+from ptycho_ml.model.module import PtychoLitModule
+from ptycho_ml.model.bundle_io import save_model_bundle
+from ptycho_ml.model.network import DiffractionToObject, count_parameters, flops_per_pattern
+from ptycho_ml.inference.reconstruct import ReconstructionResult, reconstruct
 
 IN_MEMORY_LIMIT_VALUES = 256 * 1024 * 1024  # ~1 GiB of float32: larger scans stream from disk
 
@@ -104,7 +104,7 @@ def compute_amplitude_scale(scan: ScanData, max_patterns: int = 4096, seed: int 
 
 def default_data(output_dir: Path, N: int = 64, seed: int = 0) -> tuple[str, str]:
     """Simulate the embedded default (train + held-out test scan) into ``output_dir/data``."""
-    from . import simulate
+    from ptycho_ml.physics import simulate
 
     paths = []
     for name, cfg in simulate.default_configs(N=N, seed=seed).items():
@@ -126,7 +126,7 @@ def _epoch_callbacks(history: list, epoch_sink, test_scan: ScanData | None, ever
     and, every ``every`` epochs, a network reconstruction of the held-out scan for ``preview_sink``."""
     import lightning as L
 
-    from .reconstruct import network_object
+    from ptycho_ml.inference.reconstruct import network_object
 
     class EpochEnd(L.Callback):
         def on_train_epoch_end(self, trainer, pl_module):  # runs after the epoch's validation
@@ -193,7 +193,7 @@ def train(config: TrainingConfig, epoch_sink=None, preview_sink=None,
     if config.loss == "supervised":
         if scan.obj is None:
             raise PtychoInputError(f"{scan.source}: field 'objectGuess': missing, expected ground truth for loss='supervised'")
-        from .physics import extract_patches
+        from ptycho_ml.physics.forward import extract_patches
 
         with torch.no_grad():
             targets = extract_patches(torch.from_numpy(np.asarray(scan.obj)), torch.from_numpy(scan.positions_px.astype(np.float32)), scan.N).numpy()

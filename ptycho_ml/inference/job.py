@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from . import metrics as metrics_mod
-from .config import InferenceConfig
-from .data.scan import ScanData
-from .network import DiffractionToObject
-from .outputs import write_object_h5, write_previews
-from .reconstruct import ReconstructionResult, reconstruct
-from .storage import OutputLocation
+from ptycho_ml.inference import metrics as metrics_mod
+from ptycho_ml.config import InferenceConfig
+from ptycho_ml.data.scan import ScanData
+from ptycho_ml.model.network import DiffractionToObject
+from ptycho_ml.inference.outputs import write_object_h5, write_previews
+from ptycho_ml.inference.reconstruct import ReconstructionResult, reconstruct
+from ptycho_ml.data.storage import OutputLocation
 
 
 def run_reconstruction(model: DiffractionToObject, scan: ScanData, cfg: InferenceConfig, out: str,
@@ -51,7 +51,7 @@ def run_reconstruction(model: DiffractionToObject, scan: ScanData, cfg: Inferenc
 
 def write_product_for(path, scan: ScanData, result: ReconstructionResult, model: DiffractionToObject) -> None:
     """Write the reconstruction as a ptychodus product.h5, geometry from the input (or stated defaults)."""
-    from .data.ptychodus import geometry_from_scan, write_product
+    from ptycho_ml.data.ptychodus import geometry_from_scan, write_product
 
     epochs = list(range(len(result.loss_history)))
     write_product(path, obj=result.obj, probe=scan.probe, positions_px=scan.positions_px, position_indexes=None,

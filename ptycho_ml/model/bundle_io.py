@@ -8,10 +8,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .bundle import read_bundle, write_bundle
-from .config import ModelConfig
-from .errors import PtychoInputError
-from .network import DiffractionToObject
+from ptycho_ml.model.bundle import read_bundle, write_bundle
+from ptycho_ml.config import ModelConfig
+from ptycho_ml.errors import PtychoInputError
+from ptycho_ml.model.network import DiffractionToObject
 
 
 def _to_numpy(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -44,7 +44,7 @@ def load_model_bundle(path: str | Path) -> tuple[DiffractionToObject, dict[str, 
     The ``autoencoder`` group must equal the generator inside
     ``diffraction_to_obj``; a bundle where they disagree is rejected.
     """
-    from .storage import local_path
+    from ptycho_ml.data.storage import local_path
 
     path = local_path(str(path))
     bundle = read_bundle(path)

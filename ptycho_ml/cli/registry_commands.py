@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import click
 
-from .errors import PtychoInputError
-from .registry import DEFAULT_MODEL_NAME
+from ptycho_ml.errors import PtychoInputError
+from ptycho_ml.lifecycle.registry import DEFAULT_MODEL_NAME
 
 _tracking_option = click.option("--tracking-uri", default=None,
                                 help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else MLflow's default).")
@@ -35,7 +35,7 @@ def _use_tracking_uri(uri: str | None) -> str:
 @_tracking_option
 def promote(name, model_version, run_id, stage, alias, force, policy_file, tracking_uri):
     """Promote a registered model version by stage and/or alias, if it passes the policy's metric gates."""
-    from . import registry
+    from ptycho_ml.lifecycle import registry
 
     if bool(model_version) == bool(run_id):
         raise PtychoInputError("promote: found " + ("both --version and --run-id" if model_version else "neither --version nor --run-id")
@@ -63,7 +63,7 @@ def promote(name, model_version, run_id, stage, alias, force, policy_file, track
 @_tracking_option
 def models(name, tracking_uri):
     """List a registered model's versions with stage, aliases, held-out SSIMs and run id."""
-    from . import registry
+    from ptycho_ml.lifecycle import registry
 
     uri = _use_tracking_uri(tracking_uri)
     click.echo(f"{name} ({uri})")

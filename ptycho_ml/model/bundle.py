@@ -38,8 +38,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from . import __version__
-from .errors import PtychoInputError, field_error
+from ptycho_ml import __version__
+from ptycho_ml.errors import PtychoInputError, field_error
 
 FORMAT = "ptycho_ml.wts.h5.zip"
 FORMAT_VERSION = 1

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import physics
-from .config import ModelConfig
+from ptycho_ml.physics import forward as physics
+from ptycho_ml.config import ModelConfig
 
 
 class ConvBlock(nn.Module):
@@ -44,7 +44,7 @@ class Generator(nn.Module):
     """U-Net correcting per-pattern physics estimates: ``(B, 2C+1, N, N)`` -> amplitude/phase corrections.
 
     Input channels are the real and imaginary parts of the C single-pattern
-    object estimates (:func:`ptycho_ml.physics.single_pattern_estimate`) and
+    object estimates (:func:`ptycho_ml.physics.forward.single_pattern_estimate`) and
     the normalised probe intensity (where the data say anything). A stride-2
     stem and pixel-shuffle heads keep full-resolution work small; a fully
     connected bottleneck gives every output pixel a view of the whole patch

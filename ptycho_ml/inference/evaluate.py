@@ -6,18 +6,18 @@ from typing import Any
 
 import numpy as np
 
-from . import metrics as metrics_mod
-from .config import InferenceConfig
-from .data.readers import load_scan
-from .errors import PtychoInputError, field_error
-from .network import DiffractionToObject
+from ptycho_ml.inference import metrics as metrics_mod
+from ptycho_ml.config import InferenceConfig
+from ptycho_ml.data.readers import load_scan
+from ptycho_ml.errors import PtychoInputError, field_error
+from ptycho_ml.model.network import DiffractionToObject
 
 
 def read_object_h5(path: str) -> np.ndarray:
     """The ``object`` dataset ``(H, W) complex64`` of an ``object.h5`` written by ``reconstruct``."""
     import h5py
 
-    from .storage import local_path
+    from ptycho_ml.data.storage import local_path
 
     path = local_path(path)
     try:
@@ -36,7 +36,7 @@ def evaluate_against_truth(data: str, reconstruction: str | None = None, model: 
     Returns ``(table text, metrics dict)``. With a model, both the network-only
     and the refined reconstruction are scored (keys ``network_*``/``refined_*``).
     """
-    from .reconstruct import reconstruct
+    from ptycho_ml.inference.reconstruct import reconstruct
 
     scan = load_scan(data)
     if scan.obj is None:

@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import PtychoInputError
+from ptycho_ml.errors import PtychoInputError
 
 
 def is_s3(uri: str) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import physics
+from ptycho_ml.physics import forward as physics
 
 
 class Stitcher:

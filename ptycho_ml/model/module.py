@@ -7,9 +7,10 @@ from typing import Any
 import lightning as L
 import torch
 
-from . import losses, physics
-from .config import ModelConfig
-from .network import DiffractionToObject
+from ptycho_ml.physics import losses
+from ptycho_ml.physics import forward as physics
+from ptycho_ml.config import ModelConfig
+from ptycho_ml.model.network import DiffractionToObject
 
 
 def physics_step(model: DiffractionToObject, amplitude: torch.Tensor, offsets_px: torch.Tensor,
