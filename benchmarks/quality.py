@@ -39,7 +39,7 @@ from ptycho_ml.data import load_scan
 from ptycho_ml.model.bundle_io import load_model_bundle
 from ptycho_ml.inference.reconstruct import inference_probe, reconstruct
 from ptycho_ml.physics.refine import refine_object
-from ptycho_ml.model.training import train
+from ptycho_ml.lifecycle.training import train
 
 HERE = Path(__file__).resolve().parent
 

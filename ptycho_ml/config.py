@@ -152,6 +152,36 @@ class SimulationConfig(ConfigBase):
             raise PtychoInputError(f"config: {name}.probe_file: found '', expected a path when probe_kind='file'")
 
 
+# ---------------------------------------------------------------- memory limits
+# Named thresholds deciding what is held in memory and what streams from disk.
+# "values" count float32 elements (4 bytes each); "bytes" count bytes.
+
+#: Training scans up to this many values (~1 GiB) are read into memory once; larger ones stream.
+TRAIN_IN_MEMORY_MAX_VALUES = 256 * 1024 * 1024
+#: Refinement reads scans up to this many values (~256 MiB) once instead of every pass.
+REFINE_IN_MEMORY_MAX_VALUES = 64 * 1024 * 1024
+#: Scans up to this many values are checked for NaN/Inf/negative values on load; larger ones batch by batch.
+EAGER_CHECK_MAX_VALUES = 64 * 1024 * 1024
+#: NPZ files below this size get a full CRC check on load.
+NPZ_CRC_CHECK_MAX_BYTES = 256 * 1024 * 1024
+#: NPZ members at least this large are read on demand instead of loaded.
+NPZ_STREAM_MIN_BYTES = 1 << 20
+#: The largest object canvas a reconstruction allocates, in pixels (2^29, about 23,000 x 23,000;
+#: stitching and refinement hold about 36 bytes per pixel). ``$PTYCHO_ML_MAX_CANVAS_PIXELS`` overrides it.
+MAX_CANVAS_PIXELS = 1 << 29
+MAX_CANVAS_PIXELS_ENV = "PTYCHO_ML_MAX_CANVAS_PIXELS"
+
+
+def max_canvas_pixels() -> int:
+    """:data:`MAX_CANVAS_PIXELS`, or ``$PTYCHO_ML_MAX_CANVAS_PIXELS`` when set (a positive integer)."""
+    raw = os.environ.get(MAX_CANVAS_PIXELS_ENV, "")
+    if not raw:
+        return MAX_CANVAS_PIXELS
+    if not raw.isdigit() or int(raw) < 1:
+        raise PtychoInputError(f"${MAX_CANVAS_PIXELS_ENV}: found {raw!r}, expected a positive whole number of pixels")
+    return int(raw)
+
+
 def available_cpu_threads() -> int:
     """Cores this process may use (affinity-aware), never more than the machine has."""
     try:

@@ -113,12 +113,32 @@ def test_convert_both_ways_and_refuse_to_overwrite(runner, tmp_path, tiny_npz):
         assert np.allclose(f["xcoords"], g["xcoords"], atol=1e-6)
 
 
-def test_mlflow_entry_rejects_other_backends_before_any_work():
-    from ptycho_ml.lifecycle.tracking import cli
-
-    result = CliRunner().invoke(cli, ["train", "--backend", "tensorflow"])
+def test_other_backends_are_rejected_before_any_work(runner, tmp_path):
+    out = tmp_path / "never"
+    result = runner.invoke(main, ["train", "--mlflow", "--backend", "tensorflow", "--out", str(out)])
     assert result.exit_code == 2
     assert "backend: found 'tensorflow', expected one of the supported backends: torch" in result.output
+    assert not out.exists()
+
+
+def test_mlproject_entry_points_run_the_cli_commands_with_the_same_flag_names():
+    """Each MLproject entry point calls `python -m ptycho_ml.cli COMMAND --mlflow`; every {param} is a flag of it."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    project = yaml.safe_load((Path(__file__).resolve().parents[1] / "MLproject").read_text())
+    commands = {"main": "train", "simulate": "simulate", "evaluate": "evaluate", "reconstruct": "reconstruct"}
+    assert set(project["entry_points"]) == set(commands)
+    for entry, spec in project["entry_points"].items():
+        command = " ".join(spec["command"].split())
+        assert command.startswith(f"python -m ptycho_ml.cli {commands[entry]} --mlflow"), command
+        flags = {p.opts[0] for p in main.commands[commands[entry]].params if p.opts[0].startswith("--")}
+        for flag, param in re.findall(r"(--[\w-]+) \{(\w+)\}", command):
+            assert flag in flags, (entry, flag)
+            assert flag.lstrip("-").replace("-", "_") == param or flag == "--N" and param == "N", (entry, flag, param)
+        assert set(re.findall(r"\{(\w+)\}", command)) == set(spec["parameters"]), entry
 
 
 def test_config_params_are_flattened_with_a_prefix():

@@ -8,6 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
+from ptycho_ml import config
 from ptycho_ml.physics import simulate
 from ptycho_ml.data import IntensityWarning, load_scan
 from ptycho_ml.data.grouping import make_groups, partition_groups, split_indices
@@ -31,7 +32,7 @@ def _write(tmp_path, arrays, name="scan.npz"):
 def test_large_npz_members_are_read_on_demand(tiny_npz, tiny_scan, monkeypatch):
     from ptycho_ml.data import npz
 
-    monkeypatch.setattr(npz, "STREAM_MIN_BYTES", 1024)
+    monkeypatch.setattr(config, "NPZ_STREAM_MIN_BYTES", 1024)
     scan = load_scan(tiny_npz)
     assert isinstance(scan.patterns, npz.StoredArray)
     assert len(scan) == len(tiny_scan.positions_px) and scan.N == 32

@@ -162,7 +162,8 @@ def test_pure_phase_object_amplitude_metrics_are_finite():
 
 
 def test_centres_box_matches_the_probe_free_scanned_region():
-    from ptycho_ml.inference.metrics import centres_box, region_box, scanned_region
+    from ptycho_ml.data.scan import centres_box
+    from ptycho_ml.inference.metrics import region_box, scanned_region
 
     rng = np.random.default_rng(3)
     pos = rng.uniform(20, 80, size=(50, 2))

@@ -39,7 +39,7 @@ def lifecycle(tmp_path_factory, tiny_npz, tiny_test_npz):
     tmp = tmp_path_factory.mktemp("mlflow_e2e")
     env = _env(tmp)
     cmd = ["mlflow", "run", str(ROOT), "-P", "backend=torch", "-P", "preset=tiny", "-P", "epochs=2",
-           "-P", f"data={tiny_npz}", "-P", f"test_data={tiny_test_npz}", "-P", f"output_dir={tmp / 'train'}",
+           "-P", f"data={tiny_npz}", "-P", f"test_data={tiny_test_npz}", "-P", f"out={tmp / 'train'}",
            "--env-manager", "local", "--experiment-name", "e2e"]
     started = time.perf_counter()
     proc = _run(cmd, env, tmp)
@@ -213,7 +213,7 @@ def test_mlflow_run_with_the_default_environment_manager(tmp_path, tiny_npz, tin
     """`mlflow run .` as a newcomer types it: MLflow builds the project's own virtualenv from python_env.yaml."""
     env = _env(tmp_path)
     proc = _run(["mlflow", "run", str(ROOT), "-P", "backend=torch", "-P", "preset=tiny", "-P", "epochs=1",
-                 "-P", f"data={tiny_npz}", "-P", f"test_data={tiny_test_npz}", "-P", f"output_dir={tmp_path / 'train'}"],
+                 "-P", f"data={tiny_npz}", "-P", f"test_data={tiny_test_npz}", "-P", f"out={tmp_path / 'train'}"],
                 env, tmp_path, timeout=1700)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "registered as ptychopinn version 1" in proc.stdout + proc.stderr

@@ -1,7 +1,9 @@
 """``ptycho-ml``: a thin click front end over the package's functions.
 
 User errors print one line (``error: ...``) and exit 2; ``--debug`` shows the
-traceback instead.
+traceback instead. The MLproject entry points run these same commands with
+``--mlflow``, which wraps the work in an MLflow run (:mod:`ptycho_ml.lifecycle.tracking`):
+one parser, one set of flag names.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import warnings
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from ptycho_ml import __version__
 from ptycho_ml.errors import PtychoInputError
@@ -48,6 +51,10 @@ def _warnings_to_stderr() -> None:
 
 # ---------------------------------------------------------------- simulate
 
+_mlflow_option = click.option("--mlflow", "track", is_flag=True,
+                              help="Run inside an MLflow run (the active one under `mlflow run`) and log to it.")
+
+
 @main.command()
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory (train.npz, test.npz).")
 @click.option("--N", "N", default=64, show_default=True, type=int, help="Pattern size in pixels.")
@@ -58,7 +65,8 @@ def _warnings_to_stderr() -> None:
 @click.option("--probe-file", default="", help="NPZ (probeGuess) or .npy probe when --probe file.")
 @click.option("--families", default=None, help="Comma-separated object families: lines,grf,siemens.")
 @click.option("--which", default="train,test", show_default=True, help="Which scans to write.")
-def simulate(out_dir, N, seed, nphotons, scan, probe_kind, probe_file, families, which):
+@_mlflow_option
+def simulate(out_dir, N, seed, nphotons, scan, probe_kind, probe_file, families, which, track):
     """Simulate the default training scan and a held-out test scan (PtychoPINN NPZ with ground truth)."""
     from ptycho_ml.physics import simulate as sim
 
@@ -70,19 +78,62 @@ def simulate(out_dir, N, seed, nphotons, scan, probe_kind, probe_file, families,
     bad = [w for w in wanted if w not in configs]
     if bad:
         raise PtychoInputError(f"--which: found {bad}, expected a subset of {sorted(configs)}")
+    written = []
     for name in wanted:
         cfg = type(configs[name]).from_dict({**configs[name].to_dict(), **changes})
         scan_data = sim.simulate_scan(cfg)
         path = sim.write_simulated(scan_data, Path(out_dir) / f"{name}.npz")
+        written.append(str(path))
         click.echo(f"{path}: {len(scan_data.positions_px)} patterns of {cfg.N}x{cfg.N}, object {cfg.object_size_px}^2, nphotons {cfg.nphotons:g}")
+    if track:
+        from ptycho_ml.lifecycle.tracking import log_simulated
+
+        log_simulated({"out": out_dir, "N": N, "seed": seed, **changes}, written)
 
 
 # ---------------------------------------------------------------- train
 
+SUPPORTED_BACKENDS = ("torch",)
+
+
+def check_backend(backend: str) -> None:
+    """Fail at once, before any heavy import, on an unsupported backend."""
+    if backend not in SUPPORTED_BACKENDS:
+        raise PtychoInputError(f"backend: found '{backend}', expected one of the supported backends: {', '.join(SUPPORTED_BACKENDS)}")
+
+
+def _typed(ctx: click.Context, names: list[str]) -> dict:
+    """The flags among ``names`` that the user gave (on the command line or by environment), not click defaults."""
+    given = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT, ParameterSource.PROMPT)
+    return {n: ctx.params[n] for n in names if ctx.get_parameter_source(n) in given}
+
+
+def training_config(ctx: click.Context, config_file: str | None):
+    """The TrainingConfig of a ``train`` call: the ``--config`` file, then the flags actually given, then defaults.
+
+    A flag the user did not type never overrides the file (``--seed`` left at
+    its default keeps the file's seed); an empty ``--data ''`` (as MLflow
+    passes an unset parameter) counts as not given.
+    """
+    from ptycho_ml.config import TrainingConfig
+
+    base = _read_json(config_file) if config_file else {}
+    if not isinstance(base, dict):
+        raise PtychoInputError(f"{config_file}: found a JSON {type(base).__name__}, expected a JSON object of config fields")
+    flags = _typed(ctx, ["data", "test_data", "output_dir", "seed", "accelerator", "threads", "resume", "quiet",
+                         "epochs", "batch_size", "learning_rate", "loss", "time_limit_s"])
+    flags = {k: v for k, v in flags.items() if v not in ("", None) and not (k == "time_limit_s" and v == 0)}
+    model = {**base.get("model", {}), **_typed(ctx, ["preset", "gridsize"])}
+    merged = {**base, **flags}
+    if model:
+        merged["model"] = model
+    return TrainingConfig.from_dict(merged)
+
+
 @main.command()
 @click.option("--data", default="", help="Training scan (NPZ/HDF5/ptychodus/s3://). Empty: simulate the embedded default.")
 @click.option("--test-data", default="", help="Held-out scan with ground truth for quality metrics.")
-@click.option("--out", "output_dir", default="outputs/train", show_default=True, help="Output directory (wts.h5.zip, checkpoints/).")
+@click.option("--out", "output_dir", default="outputs/train", show_default=True, help="Output directory (wts.h5.zip, checkpoints/, logs/).")
 @click.option("--preset", type=click.Choice(["cpu", "gpu", "tiny"]), default="cpu", show_default=True)
 @click.option("--gridsize", default=2, show_default=True, type=int, help="Patterns per group (gridsize²) under the overlap constraint.")
 @click.option("--epochs", default=None, type=int, help="Maximum epochs (default 10).")
@@ -95,24 +146,31 @@ def simulate(out_dir, N, seed, nphotons, scan, probe_kind, probe_file, families,
 @click.option("--resume", default="", help="Checkpoint to resume from (e.g. OUT/checkpoints/last.ckpt).")
 @click.option("--time-limit-s", default=0.0, type=float, help="Stop training after this many seconds (0 = no limit).")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="JSON file of TrainingConfig fields; flags override it.")
+              help="JSON file of TrainingConfig fields; the flags you type override it, defaults do not.")
 @click.option("--quiet", is_flag=True, help="No progress bar or model summary.")
-def train(data, test_data, output_dir, preset, gridsize, epochs, batch_size, learning_rate, loss, seed,
-          accelerator, threads, resume, time_limit_s, config_file, quiet):
-    """Train a PINN reconstructor; writes OUT/wts.h5.zip."""
-    from ptycho_ml.config import TrainingConfig
+@click.option("--backend", default="torch", show_default=True, help="Deep-learning backend (only torch).")
+@_mlflow_option
+@click.option("--register-as", default="ptychopinn", show_default=True,
+              help="With --mlflow: register the logged model as a new version of this name ('' = log only).")
+@click.pass_context
+def train(ctx, data, test_data, output_dir, preset, gridsize, epochs, batch_size, learning_rate, loss, seed,
+          accelerator, threads, resume, time_limit_s, config_file, quiet, backend, track, register_as):
+    """Train a PINN reconstructor; writes OUT/wts.h5.zip (with --mlflow: logs and registers it too)."""
     from ptycho_ml.inference.metrics import format_table
-    from ptycho_ml.model.training import train as run_train
 
+    check_backend(backend)
     _warnings_to_stderr()
-    base = _read_json(config_file) if config_file else {}
-    model = {**base.get("model", {}), "preset": preset, "gridsize": gridsize}
-    flags = {"data": data, "test_data": test_data, "output_dir": output_dir, "model": model, "seed": seed,
-             "accelerator": accelerator, "threads": threads, "resume": resume, "quiet": quiet,
-             "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate, "loss": loss,
-             "time_limit_s": time_limit_s or None}
-    merged = {**base, **{k: v for k, v in flags.items() if v is not None and (v != "" or k not in base)}}
-    result = run_train(TrainingConfig.from_dict(merged))
+    config = training_config(ctx, config_file)
+    if track:
+        from ptycho_ml.lifecycle.tracking import train_tracked
+
+        result, info, run_id = train_tracked(config, register_as)
+        click.echo(f"run {run_id}: model {info.model_uri}"
+                   + (f", registered as {register_as} version {info.registered_model_version}" if register_as else ""))
+    else:
+        from ptycho_ml.lifecycle.training import train as run_train
+
+        result = run_train(config)
     click.echo(f"bundle: {result.bundle_path}")
     click.echo(f"trained on {result.n_train} groups, validated on {result.n_val}, {len(result.history)} epochs, {result.elapsed_s:.0f} s")
     for label in ("network", "refined"):
@@ -169,12 +227,13 @@ def _load_model(bundle, model_uri, name, stage, alias, model_version):
 @click.option("--metrics/--no-metrics", default=True, show_default=True,
               help="Score against the scan's ground truth (objectGuess) when it has one.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@_mlflow_option
 def reconstruct(bundle, model_uri, name, stage, alias, model_version, data, product, out_dir, refine_steps,
-                refine_method, batch_size, threads, metrics, quiet):
+                refine_method, batch_size, threads, metrics, quiet, track):
     """Reconstruct every pattern of a scan, stitch, refine; writes object.h5, PNGs and product.h5."""
     from ptycho_ml.config import InferenceConfig
     from ptycho_ml.data.readers import load_scan
-    from ptycho_ml.inference.job import run_reconstruction
+    from ptycho_ml.inference.outputs import run_reconstruction
 
     _warnings_to_stderr()
     if not (bundle or model_uri or stage or alias or model_version):
@@ -185,6 +244,10 @@ def reconstruct(bundle, model_uri, name, stage, alias, model_version, data, prod
     scan = load_scan(data, product=product)
     model, source = _load_model(bundle, model_uri, name, stage, alias, model_version)
     summary = run_reconstruction(model, scan, cfg, out_dir, model_source=source, with_metrics=metrics)
+    if track:
+        from ptycho_ml.lifecycle.tracking import log_reconstruction
+
+        log_reconstruction({"model": source, "data": data, "refine_steps": cfg.refine_steps}, summary, out_dir)
     for line in summary["lines"]:
         click.echo(line)
 
@@ -197,7 +260,8 @@ def reconstruct(bundle, model_uri, name, stage, alias, model_version, data, prod
 @click.option("--data", required=True, help="Scan with ground truth (objectGuess), e.g. the held-out test.npz.")
 @click.option("--refine-steps", default=None, type=int, help="When reconstructing with a model: refinement passes.")
 @click.option("--json", "json_out", default=None, help="Write the metrics as JSON here.")
-def evaluate(recon, bundle, model_uri, name, stage, alias, model_version, data, refine_steps, json_out):
+@_mlflow_option
+def evaluate(recon, bundle, model_uri, name, stage, alias, model_version, data, refine_steps, json_out, track):
     """SSIM, PSNR, MAE and FRC (amplitude and phase) of a reconstruction against ground truth."""
     from ptycho_ml.inference.evaluate import evaluate_against_truth
 
@@ -208,6 +272,11 @@ def evaluate(recon, bundle, model_uri, name, stage, alias, model_version, data, 
             raise PtychoInputError("nothing to evaluate: expected --reconstruction object.h5, --bundle PATH or --model URI")
         model, source = _load_model(bundle, model_uri, name, stage, alias, model_version)
     table, metrics = evaluate_against_truth(data, reconstruction=recon, model=model, refine_steps=refine_steps)
+    if track:
+        from ptycho_ml.lifecycle.tracking import log_evaluation
+
+        log_evaluation({"model": source or "", "reconstruction": recon or "", "data": data,
+                        "refine_steps": "" if refine_steps is None else refine_steps}, metrics)
     click.echo(table)
     if json_out:
         from ptycho_ml.data.storage import OutputLocation, is_s3
@@ -277,6 +346,3 @@ def _register_lifecycle_commands() -> None:
 
 
 _register_lifecycle_commands()
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

@@ -15,19 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ptycho_ml.data.atomic import atomic_path
+from ptycho_ml.data.atomic import atomic_path, zip_entry
+from ptycho_ml import config as limits
 from ptycho_ml.errors import PtychoInputError
 
-_FIXED_TIME = (1980, 1, 1, 0, 0, 0)
-# Members at least this large are read on demand instead of loaded.
-STREAM_MIN_BYTES = 1 << 20
-
-
-def _zipinfo(name: str) -> zipfile.ZipInfo:
-    info = zipfile.ZipInfo(name + ".npy", date_time=_FIXED_TIME)
-    info.compress_type = zipfile.ZIP_STORED
-    info.external_attr = 0o644 << 16
-    return info
 
 
 def write_npz(path: str | Path, arrays: dict[str, np.ndarray],
@@ -45,11 +36,11 @@ def write_npz(path: str | Path, arrays: dict[str, np.ndarray],
             array = np.asarray(array)
             if array.dtype == object:
                 raise ValueError(f"write_npz: member '{name}' is an object array; refusing to pickle")
-            with zf.open(_zipinfo(name), "w", force_zip64=True) as fh:
+            with zf.open(zip_entry(name + ".npy"), "w", force_zip64=True) as fh:
                 np.lib.format.write_array(fh, np.ascontiguousarray(array), allow_pickle=False)
         for name, (shape, dtype, make_chunks) in (chunked or {}).items():
             header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)}
-            with zf.open(_zipinfo(name), "w", force_zip64=True) as fh:
+            with zf.open(zip_entry(name + ".npy"), "w", force_zip64=True) as fh:
                 np.lib.format.write_array_header_2_0(fh, header)
                 rows = 0
                 for chunk in make_chunks():
@@ -154,7 +145,7 @@ def open_npz_member(path: str | Path, zf: zipfile.ZipFile, name: str) -> np.ndar
         expected_end = offset + int(np.prod(shape)) * dtype.itemsize
         if expected_end > os.path.getsize(path):
             raise PtychoInputError(f"{path}: field '{name}': file is truncated, expected {expected_end} bytes of data")
-        if fortran or len(shape) < 2 or int(np.prod(shape)) * dtype.itemsize < STREAM_MIN_BYTES:
+        if fortran or len(shape) < 2 or int(np.prod(shape)) * dtype.itemsize < limits.NPZ_STREAM_MIN_BYTES:
             return np.array(np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C"))
         return StoredArray(path, offset, shape, dtype)
     with zf.open(info) as fh:

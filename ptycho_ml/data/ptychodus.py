@@ -26,13 +26,13 @@ import json
 import math
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ptycho_ml.data.atomic import atomic_path
+from ptycho_ml.data.atomic import atomic_h5
+from ptycho_ml import config as limits
 from ptycho_ml.errors import PtychoInputError, field_error
 from ptycho_ml.data.scan import ScanData, check_positions_inside
 
@@ -287,7 +287,7 @@ def _load_pair(h5d: Any, diffraction_path: str, product_path: str) -> ScanData:
     meta["diffraction_file"], meta["product_file"] = diffraction_path, product_path
     scan = ScanData(patterns if len(rows) == M else _Rows(patterns, rows), probe, positions_px, (H, W), obj,
                     bad_pixels, {"ptychodus": meta}, diffraction_path, True, "patterns")
-    if len(scan) * H_det * W_det <= 64 * 1024 * 1024:  # small enough: check every value now
+    if len(scan) * H_det * W_det <= limits.EAGER_CHECK_MAX_VALUES:  # small enough: check every value now
         scan.amplitude(slice(None))
     return scan
 
@@ -357,15 +357,6 @@ def geometry_from_scan(scan: ScanData) -> dict[str, float]:
 # --------------------------------------------------------------------------- writing
 
 
-@contextmanager
-def _atomic_h5(path: Path) -> Iterator[Any]:
-    """An h5py file written beside ``path`` and renamed onto it only when the block succeeds."""
-    import h5py
-
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
-        yield h5
-
-
 def write_product(path: str | Path, *, obj: np.ndarray, probe: np.ndarray, positions_px: np.ndarray,
                   position_indexes: np.ndarray | None, geometry: Mapping[str, float],
                   loss_epochs: Sequence[int] = (), loss_values: Sequence[float] = (),
@@ -409,7 +400,7 @@ def write_product(path: str | Path, *, obj: np.ndarray, probe: np.ndarray, posit
     x_m = (positions_px[:, 0] - (W - 1) / 2) * g["object_pixel_width_m"] + g["object_center_x_m"]  # (M,) float64
     y_m = (positions_px[:, 1] - (H - 1) / 2) * g["object_pixel_height_m"] + g["object_center_y_m"]
 
-    with _atomic_h5(path) as h5:
+    with atomic_h5(path) as h5:
         attrs = {"name": str(name), "comments": str(comments),
                  "detector_object_distance_m": g["detector_object_distance_m"], "photon_energy_eV": g["photon_energy_eV"],
                  "probe_photon_count": g["probe_photon_count"], "exposure_time_s": g["exposure_time_s"],
@@ -448,7 +439,7 @@ def write_diffraction(path: str | Path, scan: ScanData, batch: int = 1024, dtype
     out_dtype = np.dtype(scan.patterns.dtype) if raw_counts else dtype
     M, N = len(scan), scan.N
     geometry = geometry_from_scan(scan)
-    with _atomic_h5(path) as h5:
+    with atomic_h5(path) as h5:
         h5.create_dataset("indexes", data=scan_indexes(scan))
         ds = h5.create_dataset("patterns", shape=(M, N, N), dtype=out_dtype, chunks=(1, N, N), compression=compression)
         for key in _DETECTOR_KEYS:

@@ -17,14 +17,13 @@ from typing import Any
 
 import numpy as np
 
+from ptycho_ml import config as limits
 from ptycho_ml.errors import PtychoInputError, field_error
 from ptycho_ml.data.npz import StoredArray, open_npz_member
 from ptycho_ml.data.scan import ScanData, check_positions_inside, check_values, derive_obj_shape
 
 ZIP_MAGIC = b"PK\x03\x04"
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
-# Full value checks on load up to this many values; larger scans are checked batch by batch as they stream.
-EAGER_CHECK_LIMIT = 64 * 1024 * 1024
 
 
 class IntensityWarning(UserWarning):
@@ -79,7 +78,7 @@ def _load_npz(path: str) -> ScanData:
     try:
         zf = zipfile.ZipFile(path)
         names = {n[:-4] for n in zf.namelist() if n.endswith(".npy")}
-        bad = zf.testzip() if Path(path).stat().st_size < 256 * 1024 * 1024 else None
+        bad = zf.testzip() if Path(path).stat().st_size < limits.NPZ_CRC_CHECK_MAX_BYTES else None
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
         raise PtychoInputError(f"{path}: not a readable NPZ ({exc}); the file may be truncated, expected a complete NPZ") from None
     if bad is not None:
@@ -179,7 +178,7 @@ def _assemble(path: str, names: set[str], get) -> ScanData:
         warnings.warn(
             f"{path}: field '{pname}' holds photon counts (intensity, dtype {patterns.dtype}); "
             "converting to amplitude = sqrt(counts)", IntensityWarning, stacklevel=3)
-    if patterns.size <= EAGER_CHECK_LIMIT:
+    if patterns.size <= limits.EAGER_CHECK_MAX_VALUES:
         check_values(np.asarray(patterns[:]).astype(np.float32, copy=False), path, pname)
     return ScanData(patterns, probe, positions, obj_shape, obj, None, metadata, path, is_counts, pname)
 

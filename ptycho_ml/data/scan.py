@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -119,3 +121,30 @@ def check_positions_inside(positions_px: np.ndarray, N: int, obj_shape: tuple[in
             f"(first: index {i} at x={x:.2f}, y={y:.2f}), expected patch centres within "
             f"[{N / 2}, {W - N / 2 - 1}] x [{N / 2}, {H - N / 2 - 1}] for a {H}x{W} object and N={N}"
         )
+
+
+def centres_box(positions_px: np.ndarray, obj_shape: tuple[int, int]) -> tuple[slice, slice]:
+    """The box ``(rows, cols)`` spanned by the (rounded) patch centres, which a scan covers fully.
+
+    The preview crop, and the region :func:`ptycho_ml.inference.metrics.scanned_region`
+    gives without a probe, without building any object-sized array.
+    """
+    pos = np.floor(np.asarray(positions_px, dtype=np.float64) + 0.5)
+    H, W = (int(s) for s in obj_shape)
+    x0, y0 = (max(int(v), 0) for v in pos.min(axis=0))
+    x1, y1 = (min(int(v) + 1, lim) for v, lim in zip(pos.max(axis=0), (W, H)))
+    return slice(y0, y1), slice(x0, x1)
+
+
+def dataset_fingerprint(scan: ScanData) -> dict[str, Any]:
+    """sha256 of the source file (or of the amplitudes when in memory), shape and source."""
+    digest = hashlib.sha256()
+    src = Path(scan.source)
+    if src.is_file():
+        with open(src, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(chunk)
+    else:
+        for _, block in scan.iter_batches(4096):
+            digest.update(block.tobytes())
+    return {"sha256": digest.hexdigest(), "shape": [len(scan), scan.N, scan.N], "source": str(scan.source)}

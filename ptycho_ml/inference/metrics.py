@@ -27,6 +27,7 @@ from scipy.signal import fftconvolve
 from scipy.signal.windows import tukey
 from skimage.metrics import structural_similarity
 
+from ptycho_ml.data.scan import centres_box
 from ptycho_ml.errors import PtychoInputError
 
 METRIC_KEYS = (
@@ -100,10 +101,8 @@ def scanned_region(positions_px: np.ndarray, N: int, obj_shape: tuple[int, int],
     H, W = (int(s) for s in obj_shape)
     N = int(N)
     if probe is None:
-        x0, x1 = np.floor(pos[:, 0].min() + 0.5), np.floor(pos[:, 0].max() + 0.5)
-        y0, y1 = np.floor(pos[:, 1].min() + 0.5), np.floor(pos[:, 1].max() + 0.5)
         mask = np.zeros((H, W), dtype=bool)
-        mask[max(int(y0), 0):max(int(y1) + 1, 0), max(int(x0), 0):max(int(x1) + 1, 0)] = True
+        mask[centres_box(pos, (H, W))] = True
         return mask
     probe = np.asarray(probe)
     if probe.ndim == 2:
@@ -123,19 +122,6 @@ def scanned_region(positions_px: np.ndarray, N: int, obj_shape: tuple[int, int],
     if peak <= 0:
         return np.zeros((H, W), dtype=bool)
     return coverage > threshold * peak
-
-
-def centres_box(positions_px: np.ndarray, obj_shape: tuple[int, int]) -> tuple[slice, slice]:
-    """The box ``(rows, cols)`` spanned by the (rounded) patch centres, which a scan covers fully.
-
-    Same region as ``region_box(scanned_region(positions_px, N, obj_shape))``
-    without a probe, without building any object-sized array.
-    """
-    pos = np.floor(np.asarray(positions_px, dtype=np.float64) + 0.5)
-    H, W = (int(s) for s in obj_shape)
-    x0, y0 = (max(int(v), 0) for v in pos.min(axis=0))
-    x1, y1 = (min(int(v) + 1, lim) for v, lim in zip(pos.max(axis=0), (W, H)))
-    return slice(y0, y1), slice(x0, x1)
 
 
 def region_box(mask: np.ndarray) -> tuple[slice, slice]:

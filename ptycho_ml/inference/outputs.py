@@ -1,40 +1,29 @@
-"""Writing reconstructions: the object as HDF5 and PNG previews of amplitude and phase."""
+"""Every output of a reconstruction: object.h5, PNG previews, a ptychodus product.h5 and summary.json.
+
+:func:`run_reconstruction` (shared by ``ptycho-ml reconstruct``, its MLflow
+entry point and the tracking layer) reconstructs a scan and writes them all,
+locally or to an ``s3://`` prefix.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from ptycho_ml.data.atomic import atomic_path
+from ptycho_ml.config import InferenceConfig
+from ptycho_ml.data.object_h5 import write_object_h5
+from ptycho_ml.data.ptychodus import geometry_from_scan, write_product
+from ptycho_ml.data.scan import ScanData, centres_box
+from ptycho_ml.data.storage import OutputLocation
+from ptycho_ml.inference import metrics as metrics_mod
+from ptycho_ml.inference.reconstruct import ReconstructionResult, reconstruct
+from ptycho_ml.model.network import DiffractionToObject
 
-
-def write_object_h5(path: str | Path, obj: np.ndarray, attrs: dict | None = None,
-                    illumination: np.ndarray | None = None) -> Path:
-    """Atomically write ``obj (H, W) complex64`` with its amplitude and phase as datasets.
-
-    Datasets: ``object`` (complex64), ``amplitude`` and ``phase`` (float32,
-    radians), optional ``illumination``; ``attrs`` go to the root as JSON-safe
-    attributes (dicts are stored as JSON strings).
-    """
-    import h5py
-
-    path = Path(path)
-    obj = np.asarray(obj, dtype=np.complex64)
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
-        h5.create_dataset("object", data=obj)
-        amplitude = h5.create_dataset("amplitude", shape=obj.shape, dtype=np.float32)
-        phase = h5.create_dataset("phase", shape=obj.shape, dtype=np.float32)
-        for start in range(0, obj.shape[0], 512):  # row blocks: no object-sized temporaries
-            rows = obj[start:start + 512]
-            amplitude[start:start + 512] = np.abs(rows)
-            phase[start:start + 512] = np.angle(rows)
-        if illumination is not None:
-            h5.create_dataset("illumination", data=np.asarray(illumination, dtype=np.float32))
-        for key, value in (attrs or {}).items():
-            h5.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
-    return path
+#: The files a reconstruction writes, in the order they are reported.
+OUTPUT_FILES = ("object.h5", "amplitude.png", "phase.png", "product.h5", "summary.json")
 
 
 def write_previews(out_dir: str | Path, obj: np.ndarray, prefix: str = "", title: str = "",
@@ -69,3 +58,46 @@ def write_previews(out_dir: str | Path, obj: np.ndarray, prefix: str = "", title
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def run_reconstruction(model: DiffractionToObject, scan: ScanData, cfg: InferenceConfig, out: str,
+                       model_source: str = "", with_metrics: bool = True) -> dict[str, Any]:
+    """Reconstruct ``scan`` and write to ``out`` (a directory or ``s3://`` prefix):
+
+    * ``object.h5``: complex object, amplitude, phase, illumination;
+    * ``amplitude.png``, ``phase.png`` (scanned region, colour bars);
+    * ``product.h5``: a ptychodus 1.7.0 product (object, probe, positions, loss history);
+    * ``summary.json``: timings, settings and, when the scan has ground truth
+      (and ``with_metrics``), metrics.
+
+    Nothing is written (or uploaded) unless the reconstruction succeeded.
+    """
+    with OutputLocation(out) as loc:  # checks an S3 destination before the work, uploads after it
+        result = reconstruct(model, scan, cfg)
+        summary: dict[str, Any] = {"source": scan.source, "model": model_source, "n_patterns": result.n_patterns,
+                                   "timings_s": result.timings_s, "inference": cfg.to_dict()}
+        # Preview crop: the box the scan centres cover (cheap for any object size).
+        region = centres_box(scan.positions_px, scan.obj_shape)
+        if with_metrics and scan.obj is not None and scan.obj.shape == result.obj.shape:
+            summary["metrics"] = metrics_mod.evaluate_object(result.obj, scan.obj, scan.positions_px, scan.N, scan.probe)
+        write_object_h5(loc.path / "object.h5", result.obj, {"source": scan.source, "model": model_source,
+                                                              "refine_steps": cfg.refine_steps},
+                        result.illumination)
+        write_previews(loc.path, result.obj, title="reconstructed", region=region)
+        write_product_for(loc.path / "product.h5", scan, result, model)
+        (loc.path / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+        summary["lines"] = [loc.describe(n) for n in OUTPUT_FILES]
+    t = result.timings_s
+    summary["lines"].append(f"{result.n_patterns} patterns: network {t.get('network_s', 0):.2f} s, "
+                            f"refinement {t.get('refine_s', t.get('finetune_s', 0)):.2f} s ({cfg.refine_steps} steps)")
+    if "metrics" in summary:
+        summary["lines"].append(metrics_mod.format_table(summary["metrics"]))
+    return summary
+
+
+def write_product_for(path, scan: ScanData, result: ReconstructionResult, model: DiffractionToObject) -> None:
+    """Write the reconstruction as a ptychodus product.h5, geometry from the input (or stated defaults)."""
+    epochs = list(range(len(result.loss_history)))
+    write_product(path, obj=result.obj, probe=scan.probe, positions_px=scan.positions_px, position_indexes=None,
+                  geometry=geometry_from_scan(scan), loss_epochs=epochs, loss_values=result.loss_history,
+                  name="ptycho_ml", comments=f"ptycho_ml reconstruction of {scan.source}")

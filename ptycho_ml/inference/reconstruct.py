@@ -16,11 +16,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ptycho_ml import config as limits
 from ptycho_ml.config import InferenceConfig, available_cpu_threads
 from ptycho_ml.data.grouping import make_groups, partition_groups
 from ptycho_ml.data.scan import ScanData
 from ptycho_ml.errors import PtychoInputError
-from ptycho_ml.model.network import DiffractionToObject, intensity_of
+from ptycho_ml.model.network import DiffractionToObject
+from ptycho_ml.physics.forward import intensity_of
 from ptycho_ml.physics.refine import refine_object
 from ptycho_ml.physics.stitching import Stitcher
 
@@ -162,7 +164,7 @@ def reconstruct(model: DiffractionToObject, scan: ScanData, cfg: InferenceConfig
     if cfg.refine_steps and cfg.refine_method == "object":
         t2 = time.perf_counter()
         amplitudes = None
-        if len(scan) * scan.N * scan.N <= 64 * 1024 * 1024:  # small scans: read once, not every step
+        if len(scan) * scan.N * scan.N <= limits.REFINE_IN_MEMORY_MAX_VALUES:  # small scans: read once, not every step
             amplitudes = torch.from_numpy(scan.amplitude(slice(0, len(scan))))
         with _progress(cfg.refine_steps, "refine", cfg.progress) as bar:
             result = refine_object(obj, scan, probe, cfg.refine_steps, amplitudes=amplitudes,

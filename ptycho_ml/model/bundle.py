@@ -27,7 +27,6 @@ import io
 import json
 import math
 import os
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Mapping
@@ -39,6 +38,7 @@ import h5py
 import numpy as np
 
 from ptycho_ml import __version__
+from ptycho_ml.data.atomic import atomic_path, zip_entry
 from ptycho_ml.errors import PtychoInputError, field_error
 
 FORMAT = "ptycho_ml.wts.h5.zip"
@@ -52,7 +52,6 @@ MEMBERS = (MANIFEST, WEIGHTS)
 _NUMERIC_KINDS = "biufc"  # bool, int, uint, float, complex
 _PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".ckpt", ".bin", ".joblib", ".dill", ".npy", ".npz")
 _MAX_MANIFEST_BYTES = 1 << 20
-_FIXED_TIME = (1980, 1, 1, 0, 0, 0)
 _ONLY = f"only members '{MANIFEST}' and '{WEIGHTS}'"
 
 
@@ -199,31 +198,10 @@ def _h5_image(models: dict[str, dict[str, np.ndarray]], probe: np.ndarray, scale
 
 
 def _atomic_write_zip(path: Path, members: dict[str, bytes]) -> None:
-    """Write an uncompressed zip with fixed timestamps to a temp file beside ``path``, fsync, rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            with zipfile.ZipFile(fh, "w", zipfile.ZIP_STORED) as zf:
-                for name, data in members.items():
-                    info = zipfile.ZipInfo(name, date_time=_FIXED_TIME)
-                    info.external_attr = 0o644 << 16
-                    zf.writestr(info, data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename durable where the platform allows it
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
+    """Write an uncompressed zip with fixed timestamps beside ``path``, fsync, rename (atomic and durable)."""
+    with atomic_path(path, durable=True) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
+        for name, data in members.items():
+            zf.writestr(zip_entry(name), data)
 
 
 # ----------------------------------------------------------------------------- reading

@@ -60,7 +60,9 @@ class PtychoLitModule(L.LightningModule):
         amplitude, offsets = batch[0], batch[1]
         target = batch[2] if len(batch) > 2 else None
         loss, _ = physics_step(self.model, amplitude, offsets, self.hparams.loss, self._mask(), target)
-        self.log(f"{stage}_loss", loss, prog_bar=True, on_epoch=True, on_step=False, batch_size=amplitude.shape[0])
+        # sync_dist: epoch means are reduced across processes under DDP (a no-op on one).
+        self.log(f"{stage}_loss", loss, prog_bar=True, on_epoch=True, on_step=False, batch_size=amplitude.shape[0],
+                 sync_dist=True)
         return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -69,17 +71,16 @@ class PtychoLitModule(L.LightningModule):
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._step(batch, "val")
 
-    def on_train_epoch_end(self) -> None:
-        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_epoch=True)
-
     def configure_optimizers(self) -> Any:
         opt = torch.optim.AdamW(self.model.parameters(), lr=self.hparams.learning_rate,
                                 weight_decay=self.hparams.weight_decay)
         if self.hparams.lr_schedule == "cosine":
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.hparams.max_epochs),
                                                                eta_min=self.hparams.learning_rate * 0.02)
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
-        if self.hparams.lr_schedule == "plateau":
+        elif self.hparams.lr_schedule == "plateau":
             sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=2)
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val_loss", "interval": "epoch"}}
-        return opt
+        else:
+            sched = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
+        # "name": Lightning's LearningRateMonitor logs the rate as the metric "lr".
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch", "name": "lr",
+                                                   "monitor": "val_loss"}}

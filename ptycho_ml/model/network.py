@@ -131,7 +131,7 @@ class DiffractionToObject(nn.Module):
         probe = self.probe if probe is None else probe
         with torch.no_grad():  # physics features: no learnable parameters, no gradient needed
             estimate = physics.single_pattern_estimate(amplitude, probe, self.cfg.input_iterations, good_pixels)
-        weight = intensity_of(probe) / intensity_of(probe).max()
+        weight = physics.intensity_of(probe) / physics.intensity_of(probe).max()
         features = torch.cat([estimate.real, estimate.imag, weight.expand(amplitude.shape[0], 1, *weight.shape)], dim=1)
         log_gain, phase_shift = self.generator(features)
         # Residual output: the network corrects the physics estimate.
@@ -140,13 +140,7 @@ class DiffractionToObject(nn.Module):
 
     def probe_intensity(self) -> torch.Tensor:
         """``(N, N)`` float32 training-probe intensity (modes summed): the stitching and overlap weight."""
-        return intensity_of(self.probe)
-
-
-def intensity_of(probe: torch.Tensor) -> torch.Tensor:
-    """``(N, N)`` float32 intensity of a probe ``(N, N)`` or ``(K, N, N)`` (modes summed)."""
-    intensity = probe.real.square() + probe.imag.square()
-    return intensity.sum(0) if intensity.ndim == 3 else intensity
+        return physics.intensity_of(self.probe)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -118,6 +118,12 @@ def insert_patches(patches: torch.Tensor, positions_px: torch.Tensor, obj_shape:
 # Illumination and propagation
 
 
+def intensity_of(probe: torch.Tensor) -> torch.Tensor:
+    """``(N, N)`` float32 intensity of a probe ``(N, N)`` or ``(K, N, N)`` (modes summed)."""
+    intensity = probe.real.square() + probe.imag.square()
+    return intensity.sum(0) if intensity.ndim == 3 else intensity
+
+
 def illuminate(probe: torch.Tensor, obj_patches: torch.Tensor) -> torch.Tensor:
     """Exit waves ``probe * obj_patch``.
 

@@ -21,7 +21,7 @@ import torch
 from ptycho_ml.physics import forward as physics
 from ptycho_ml.physics.losses import poisson_nll
 from ptycho_ml.data.scan import ScanData
-from ptycho_ml.model.network import intensity_of
+
 
 
 @dataclass
@@ -48,7 +48,7 @@ def refine_object(obj: torch.Tensor, scan: ScanData, probe: torch.Tensor, steps:
     N = probe.shape[-1]
     positions = torch.from_numpy(np.asarray(scan.positions_px, dtype=np.float32))
     good = None if scan.good_pixels is None else torch.from_numpy(scan.good_pixels).to(torch.float32)
-    intensity = intensity_of(probe)
+    intensity = physics.intensity_of(probe)
     M = len(positions)
     generator = torch.Generator().manual_seed(seed)
     velocity = torch.zeros_like(obj)

@@ -1,0 +1,144 @@
+"""train(config) -> TrainResult: one training run, from data to a verified ``wts.h5.zip``.
+
+The steps, each owned by its layer: the data (the embedded default is
+simulated when none is given, :mod:`ptycho_ml.physics.simulate`), the
+Lightning loop (:func:`ptycho_ml.model.training.fit`), the held-out
+evaluation (:func:`ptycho_ml.inference.evaluate.evaluate_model`, the same as
+``ptycho-ml evaluate``) and the bundle (:mod:`ptycho_ml.model.bundle_io`).
+The CLI calls it directly; the MLflow layer (:mod:`ptycho_ml.lifecycle.tracking`)
+passes its logger and records the result.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ptycho_ml.config import InferenceConfig, TrainingConfig
+from ptycho_ml.data.readers import load_scan
+from ptycho_ml.data.scan import ScanData, dataset_fingerprint
+from ptycho_ml.errors import PtychoInputError
+from ptycho_ml.inference.evaluate import evaluate_model
+from ptycho_ml.inference.reconstruct import ReconstructionResult, network_object, reconstruct
+from ptycho_ml.model.bundle_io import save_model_bundle
+from ptycho_ml.model.network import DiffractionToObject, count_parameters, flops_per_pattern
+from ptycho_ml.model.training import fit, quiet_lightning
+
+#: ``preview_sink(epoch, obj (H, W) complex64, test_scan)``: a network reconstruction of the held-out scan.
+PreviewSink = Callable[[int, np.ndarray, ScanData], None]
+
+
+@dataclass
+class TrainResult:
+    bundle_path: Path
+    model: DiffractionToObject
+    history: list[dict[str, float]]
+    metrics: dict[str, float]
+    amplitude_scale: float
+    n_train: int
+    n_val: int
+    elapsed_s: float
+    dataset: dict[str, Any]
+    test_scan: ScanData | None = None
+    test_reconstruction: ReconstructionResult | None = None
+    model_summary: dict[str, float] = field(default_factory=dict)
+    is_global_zero: bool = True
+
+
+def default_data(output_dir: Path, N: int = 64, seed: int = 0) -> tuple[str, str]:
+    """Simulate the embedded default (train + held-out test scan) into ``output_dir/data``."""
+    from ptycho_ml.physics import simulate
+
+    paths = []
+    for name, cfg in simulate.default_configs(N=N, seed=seed).items():
+        path = output_dir / "data" / f"{name}.npz"
+        if not path.exists():
+            simulate.write_simulated(simulate.simulate_scan(cfg), path)
+        paths.append(str(path))
+    return paths[0], paths[1]
+
+
+def _training_data(config: TrainingConfig) -> tuple[ScanData, ScanData | None]:
+    """The training scan (subsampled to ``max_patterns``) and the held-out scan, checked against each other."""
+    data_path, test_path = config.data, config.test_data
+    if not data_path:
+        data_path, default_test = default_data(Path(config.output_dir), N=config.model.N, seed=config.seed)
+        test_path = test_path or default_test
+    scan = load_scan(data_path)
+    test_scan = load_scan(test_path) if test_path else None
+    if config.max_patterns and config.max_patterns < len(scan):
+        keep = np.random.default_rng(config.seed).choice(len(scan), config.max_patterns, replace=False)
+        scan = scan.subset(keep)
+    if test_scan is not None and test_scan.N != scan.N:
+        raise PtychoInputError(f"{test_scan.source}: field '{test_scan.patterns_field}': found {test_scan.N}x{test_scan.N} patterns, expected {scan.N}x{scan.N} like the training data")
+    return scan, test_scan
+
+
+def _preview_callback(test_scan: ScanData, every: int, sink: PreviewSink):
+    """Every ``every`` epochs, a network reconstruction of the held-out scan goes to ``sink`` (rank 0 only)."""
+    import lightning as L
+
+    class Previews(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):  # runs after the epoch's validation
+            epoch = trainer.current_epoch + 1
+            if trainer.is_global_zero and epoch % every == 0:
+                model = pl_module.model
+                was_training = model.training
+                obj, _ = network_object(model.eval(), test_scan, progress=False)
+                model.train(was_training)
+                sink(epoch, obj.numpy(), test_scan)
+
+    return Previews()
+
+
+def train(config: TrainingConfig, loggers: list[Any] | None = None, preview_sink: PreviewSink | None = None,
+          evaluate_refine_steps: int | None = None) -> TrainResult:
+    """Train a reconstructor and write ``{output_dir}/wts.h5.zip`` (once, from the best validation weights).
+
+    ``loggers``: Lightning loggers for the per-epoch ``train_loss``,
+    ``val_loss`` and ``lr`` (default: a CSV learning curve in
+    ``{output_dir}/logs``). ``preview_sink`` receives a network
+    reconstruction of the held-out scan every ``preview_every_n_epochs``.
+    The held-out scan is then scored, network alone and refined
+    (``test_network_*``, ``test_refined_*``), and the figures go into the bundle.
+    """
+    t_start = time.perf_counter()
+    Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+    threads = config.resolved_threads()
+    torch.set_num_threads(threads)
+    if config.quiet:
+        quiet_lightning()
+    scan, test_scan = _training_data(config)
+    callbacks = []
+    if preview_sink is not None and test_scan is not None and config.preview_every_n_epochs > 0:
+        callbacks.append(_preview_callback(test_scan, config.preview_every_n_epochs, preview_sink))
+    fitted = fit(config, scan, loggers, callbacks)
+    if not fitted.is_global_zero:  # under DDP only rank 0 evaluates and writes the bundle
+        return TrainResult(Path(config.output_dir) / "wts.h5.zip", fitted.model, fitted.history, {},
+                           fitted.amplitude_scale, fitted.n_train, fitted.n_val, time.perf_counter() - t_start, {},
+                           test_scan, is_global_zero=False)
+    model = fitted.model
+    fingerprint = dataset_fingerprint(scan)
+    summary = {"n_parameters": count_parameters(model.generator), "flops_per_pattern": flops_per_pattern(model)}
+    result_metrics: dict[str, float] = {}
+    test_recon = None
+    if test_scan is not None and test_scan.obj is not None:
+        test_recon, scores, _ = evaluate_model(model, test_scan, evaluate_refine_steps, progress=not config.quiet,
+                                               threads=threads)
+        result_metrics = {f"test_{k}": v for k, v in scores.items()}
+    elif test_scan is not None:  # no ground truth: reconstruct for the previews only
+        steps = InferenceConfig().refine_steps if evaluate_refine_steps is None else evaluate_refine_steps
+        test_recon = reconstruct(model, test_scan, InferenceConfig(refine_steps=steps, progress=not config.quiet,
+                                                                   threads=threads))
+    extra = {"metrics": result_metrics, "best_val_loss": fitted.best_val_loss, "dataset": fingerprint,
+             "model_summary": summary}
+    bundle_path = save_model_bundle(model, Path(config.output_dir) / "wts.h5.zip",
+                                    config={"training": config.to_dict()}, extra=extra)
+    return TrainResult(bundle_path, model, fitted.history, result_metrics, fitted.amplitude_scale, fitted.n_train,
+                       fitted.n_val, time.perf_counter() - t_start, fingerprint, test_scan, test_recon, summary)

@@ -1,0 +1,121 @@
+"""The training data, the Lightning way: scale, neighbour groups, split and loaders of one scan.
+
+:class:`ScanDataModule` turns a :class:`~ptycho_ml.data.scan.ScanData` into
+what :class:`~ptycho_ml.model.module.PtychoLitModule` trains on: the
+amplitude scale the network normalises by, groups of C = gridsize² neighbours
+with their offsets, a seeded train/validation split (validation groups never
+borrow training patterns) and the two data loaders. Scans larger than
+:data:`~ptycho_ml.config.TRAIN_IN_MEMORY_MAX_VALUES` stream from disk, so
+memory stays bounded by the batch.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ptycho_ml import config as limits
+from ptycho_ml.config import TrainingConfig
+from ptycho_ml.data.grouping import make_groups, split_indices
+from ptycho_ml.data.scan import ScanData
+from ptycho_ml.errors import PtychoInputError
+from ptycho_ml.physics.forward import extract_patches
+
+
+class GroupDataset(Dataset):
+    """Items ``(amplitude (C, N, N) float32, offsets_px (C, 2) float32[, target (C, N, N) complex64])``.
+
+    Amplitudes come from an in-memory array when given, else straight from
+    the (on-disk NPZ / HDF5) scan, so memory stays bounded by the batch.
+    """
+
+    def __init__(self, scan: ScanData, groups: np.ndarray, offsets: np.ndarray,
+                 amplitudes: np.ndarray | None, targets: np.ndarray | None = None):
+        self.scan, self.groups, self.offsets = scan, groups, offsets
+        self.amplitudes, self.targets = amplitudes, targets
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, i: int):
+        members = self.groups[i]
+        amp = self.amplitudes[members] if self.amplitudes is not None else self.scan.amplitude(members)
+        item = (torch.from_numpy(np.ascontiguousarray(amp)), torch.from_numpy(self.offsets[i]))
+        if self.targets is not None:
+            item = item + (torch.from_numpy(self.targets[members]),)
+        return item
+
+
+def compute_amplitude_scale(scan: ScanData, max_patterns: int = 4096, seed: int = 0) -> float:
+    """RMS measured amplitude over (a seeded sample of) the training patterns.
+
+    The network sees ``amplitude / amplitude_scale``; the scale is persisted in
+    the bundle and reused at inference.
+    """
+    rng = np.random.default_rng(seed)
+    idx = np.sort(rng.choice(len(scan), min(len(scan), max_patterns), replace=False))
+    amp = scan.amplitude(idx).astype(np.float64)
+    scale = float(np.sqrt(np.mean(amp**2)))
+    if not scale > 0:
+        raise PtychoInputError(f"{scan.source}: field '{scan.patterns_field}': all-zero diffraction, expected measured photons")
+    return scale
+
+
+def _whole_groups(candidates: np.ndarray, groups: np.ndarray) -> list[int]:
+    """Groups anchored in ``candidates`` whose members all lie in ``candidates`` (all of them if none does)."""
+    inside = set(candidates.tolist())
+    return [i for i in candidates if all(m in inside for m in groups[i])] or list(candidates)
+
+
+class ScanDataModule(L.LightningDataModule):
+    """Groups, split and loaders of one training scan (see the module docstring).
+
+    After :meth:`setup`: ``amplitude_scale`` (float), ``n_train`` and
+    ``n_val`` (groups), ``good_pixels`` (``(N, N)`` bool tensor or None).
+    """
+
+    def __init__(self, scan: ScanData, config: TrainingConfig, gridsize: int):
+        super().__init__()
+        self.scan, self.config, self.gridsize = scan, config, gridsize
+        self.amplitude_scale = 0.0
+        self.n_train = self.n_val = 0
+        self.good_pixels = None if scan.good_pixels is None else torch.from_numpy(scan.good_pixels)
+        self._train: GroupDataset | None = None
+        self._val: GroupDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._train is not None:
+            return
+        scan, cfg = self.scan, self.config
+        self.amplitude_scale = compute_amplitude_scale(scan, seed=cfg.seed)
+        groups, offsets = make_groups(scan.positions_px, self.gridsize, seed=cfg.seed)
+        train_idx, val_idx = split_indices(scan.positions_px, cfg.val_fraction, cfg.seed, cfg.split)
+        if len(val_idx) == 0:
+            val_idx = train_idx[: max(1, len(train_idx) // 20)]
+        in_memory = len(scan) * scan.N * scan.N <= limits.TRAIN_IN_MEMORY_MAX_VALUES
+        amplitudes = scan.amplitude(slice(0, len(scan))) if in_memory else None
+        targets = self._supervised_targets() if cfg.loss == "supervised" else None
+        train_groups, val_groups = _whole_groups(train_idx, groups), _whole_groups(val_idx, groups)
+        self._train = GroupDataset(scan, groups[train_groups], offsets[train_groups], amplitudes, targets)
+        self._val = GroupDataset(scan, groups[val_groups], offsets[val_groups], amplitudes, targets)
+        self.n_train, self.n_val = len(train_groups), len(val_groups)
+
+    def _supervised_targets(self) -> np.ndarray:
+        """Ground-truth patches ``(M, N, N) complex64`` for the supervised baseline."""
+        scan = self.scan
+        if scan.obj is None:
+            raise PtychoInputError(f"{scan.source}: field 'objectGuess': missing, expected ground truth for loss='supervised'")
+        with torch.no_grad():
+            return extract_patches(torch.from_numpy(np.asarray(scan.obj)),
+                                   torch.from_numpy(scan.positions_px.astype(np.float32)), scan.N).numpy()
+
+    def train_dataloader(self) -> DataLoader:
+        batch = self.config.batch_size
+        return DataLoader(self._train, batch_size=batch, shuffle=True, num_workers=0,
+                          generator=torch.Generator().manual_seed(self.config.seed),
+                          drop_last=len(self._train) > batch)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self._val, batch_size=max(self.config.batch_size, 64), shuffle=False, num_workers=0)
