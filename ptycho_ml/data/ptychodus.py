@@ -34,6 +34,7 @@ import numpy as np
 from ptycho_ml.data.atomic import atomic_h5
 from ptycho_ml import config as limits
 from ptycho_ml.errors import PtychoInputError, field_error
+from ptycho_ml.data.ptychopinn import write_ptychopinn
 from ptycho_ml.data.scan import ScanData, check_positions_inside
 
 PRODUCT_FILE = "product.h5"
@@ -479,32 +480,17 @@ def npz_to_ptychodus(scan: ScanData, out_dir: str | Path) -> tuple[Path, Path]:
 
 
 def ptychodus_to_npz(scan: ScanData, out_path: str | Path, batch: int = 1024) -> Path:
-    """Write ``scan`` as a PtychoPINN NPZ (streamed, via :func:`ptycho_ml.data.npz.write_npz`).
+    """Write ``scan`` as a PtychoPINN NPZ, streamed ``batch`` patterns at a time
+    (:func:`ptycho_ml.data.ptychopinn.write_ptychopinn`).
 
-    Members: ``diffraction (M, N, N) float32`` amplitude, ``probeGuess``
-    ``(N, N)``/``(K, N, N)`` complex64, ``xcoords``/``ycoords (M,) float64``
-    pixels, ``objectGuess (H, W) complex64`` (when the scan has one),
-    ``scan_index (M,) int64`` zeros (one object), ``bad_pixels (N, N)`` bool
-    (when any), and ``metadata`` JSON (keeps the ptychodus geometry, so
-    :func:`npz_to_ptychodus` can write it back).
+    Keeps the probe (all modes), positions, the object (when the scan has one),
+    the bad detector pixels (when any) and the metadata, with the ptychodus
+    geometry, so :func:`npz_to_ptychodus` can write it back.
     """
-    from ptycho_ml.data.npz import write_npz
-
-    M, N = len(scan), scan.N
-
     def chunks() -> Iterator[np.ndarray]:
         for _, amplitude in scan.iter_batches(batch):
             yield amplitude
 
-    arrays: dict[str, np.ndarray] = {
-        "probeGuess": np.asarray(scan.probe, np.complex64),
-        "xcoords": scan.positions_px[:, 0].astype(np.float64),
-        "ycoords": scan.positions_px[:, 1].astype(np.float64),
-        "scan_index": np.zeros(M, np.int64),
-        "metadata": np.array(json.dumps(scan.metadata, sort_keys=True, default=str)),
-    }
-    if scan.obj is not None:
-        arrays["objectGuess"] = np.asarray(scan.obj, np.complex64)
-    if scan.bad_pixels is not None:
-        arrays["bad_pixels"] = np.asarray(scan.bad_pixels, bool)
-    return write_npz(out_path, arrays, chunked={"diffraction": ((M, N, N), np.float32, chunks)})
+    return write_ptychopinn(out_path, amplitude_chunks=((len(scan), scan.N, scan.N), chunks), probe=scan.probe,
+                            positions_px=scan.positions_px, obj=scan.obj, bad_pixels=scan.bad_pixels,
+                            metadata=scan.metadata)

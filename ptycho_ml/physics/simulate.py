@@ -7,7 +7,6 @@ itself, so simulated data and reconstruction share one set of conventions.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +15,11 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from ptycho_ml.physics import forward as physics
 from ptycho_ml.config import SimulationConfig
+from ptycho_ml.data import ptychopinn
+from ptycho_ml.data.ptychopinn import write_ptychopinn
 from ptycho_ml.errors import PtychoInputError
+from ptycho_ml.physics import forward as physics
 
 # --------------------------------------------------------------------------
 # Objects: real maps t in [0, 1] per family, combined into a complex object
@@ -135,14 +136,14 @@ def load_probe_file(path: str, N: int) -> np.ndarray:
             probe = np.load(path, allow_pickle=False)
         else:
             with np.load(path, allow_pickle=False) as f:
-                probe = f["probeGuess"]
+                probe = f[ptychopinn.PROBE]
     except (OSError, KeyError, ValueError) as exc:
-        raise PtychoInputError(f"{path}: field 'probeGuess': could not read a probe ({exc}), expected .npy or NPZ with probeGuess") from None
+        raise PtychoInputError(f"{path}: field '{ptychopinn.PROBE}': could not read a probe ({exc}), expected .npy or NPZ with {ptychopinn.PROBE}") from None
     probe = np.asarray(probe)
     while probe.ndim > 2:
         probe = probe[0]
     if probe.shape != (N, N):
-        raise PtychoInputError(f"{path}: field 'probeGuess': found shape {probe.shape}, expected ({N}, {N})")
+        raise PtychoInputError(f"{path}: field '{ptychopinn.PROBE}': found shape {probe.shape}, expected ({N}, {N})")
     return probe.astype(np.complex128)
 
 
@@ -235,18 +236,9 @@ def default_configs(N: int = 64, seed: int = 0) -> dict[str, SimulationConfig]:
 
 
 def write_simulated(scan: SimulatedScan, path: str | Path) -> Path:
-    """Write a scan as PtychoPINN NPZ (with ground truth) via :mod:`ptycho_ml.data.npz`."""
-    from ptycho_ml.data.npz import write_npz  # local: data imports nothing from simulate
-
-    return write_npz(path, {
-        "diffraction": scan.amplitude,
-        "probeGuess": scan.probe,
-        "xcoords": scan.positions_px[:, 0],
-        "ycoords": scan.positions_px[:, 1],
-        "objectGuess": scan.obj,
-        "scan_index": np.zeros(len(scan.positions_px), np.int64),
-        "metadata": np.array(json.dumps(scan.metadata, sort_keys=True)),
-    })
+    """Write a scan as PtychoPINN NPZ, with its ground truth (:func:`ptycho_ml.data.ptychopinn.write_ptychopinn`)."""
+    return write_ptychopinn(path, amplitude=scan.amplitude, probe=scan.probe, positions_px=scan.positions_px,
+                            obj=scan.obj, metadata=scan.metadata)
 
 
 # --------------------------------------------------------------------------
@@ -358,8 +350,6 @@ def simulate_large_scan(path: str | Path, cfg: SimulationConfig, n_patterns: int
     ``diffraction (M, N, N) float32``, ``probeGuess``, ``xcoords``,
     ``ycoords``, ``objectGuess``, ``scan_index``, ``metadata``.
     """
-    from ptycho_ml.data.npz import write_npz  # local: data imports nothing from simulate
-
     if chunk < 1:
         raise PtychoInputError(f"simulate_large_scan: chunk: found {chunk}, expected >= 1")
     S, k = large_scan_geometry(cfg, n_patterns)
@@ -381,11 +371,5 @@ def simulate_large_scan(path: str | Path, cfg: SimulationConfig, n_patterns: int
     metadata = {"generator": "ptycho_ml.physics.simulate.simulate_large_scan", "config": cfg.to_dict(),
                 "nphotons": cfg.nphotons, "seed": cfg.seed, "families": list(cfg.object_families),
                 "n_patterns": n_patterns, "chunk": chunk, "raster_side": k}
-    return write_npz(path, {
-        "probeGuess": probe,
-        "xcoords": positions[:, 0],
-        "ycoords": positions[:, 1],
-        "objectGuess": obj,
-        "scan_index": np.zeros(n_patterns, np.int64),
-        "metadata": np.array(json.dumps(metadata, sort_keys=True)),
-    }, chunked={"diffraction": ((n_patterns, N, N), np.float32, chunks)})
+    return write_ptychopinn(path, amplitude_chunks=((n_patterns, N, N), chunks), probe=probe, positions_px=positions,
+                            obj=obj, metadata=metadata)
