@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +45,7 @@ from mlflow.utils.environment import (
     _validate_env_arguments,
 )
 from mlflow.utils.file_utils import write_to
+from mlflow.utils.requirements_utils import _get_pinned_requirement
 from mlflow.utils.model_utils import (
     _add_code_from_conf_to_system_path,
     _get_flavor_configuration,
@@ -60,15 +60,12 @@ _DATA_SUBPATH = "data"
 _RUNTIME_PACKAGES = ("torch", "numpy", "h5py", "scipy", "scikit-image", "tqdm", "lightning")
 
 
-def _pin(package: str) -> str:
-    """``package==version`` without a local label (``torch==2.13.0``, not ``2.13.0+cpu``)."""
-    version = importlib_metadata.version(package).split("+", 1)[0]
-    return f"{package}=={version}"
-
-
 def get_default_pip_requirements() -> list[str]:
-    """Pinned requirements of a served ptycho_ml model (MLflow itself is added by MLflow)."""
-    return [_pin(p) for p in _RUNTIME_PACKAGES]
+    """Pinned requirements of a served ptycho_ml model (MLflow itself is added by MLflow).
+
+    MLflow's own pinning drops local version labels (``torch==2.13.0``, not ``2.13.0+cpu``).
+    """
+    return [_get_pinned_requirement(p) for p in _RUNTIME_PACKAGES]
 
 
 def get_default_conda_env() -> dict:
@@ -133,7 +130,7 @@ def save_model(model, path, conda_env=None, code_paths=None, mlflow_model=None, 
     pyfunc.add_to_model(mlflow_model, loader_module="ptycho_ml.flavor", data=_DATA_SUBPATH,
                         code=code_dir_subpath, conda_env=_CONDA_ENV_FILE_NAME, python_env=_PYTHON_ENV_FILE_NAME)
     mlflow_model.add_flavor(FLAVOR_NAME, bundle=f"{_DATA_SUBPATH}/{BUNDLE_NAME}", ptycho_ml_version=__version__,
-                            torch_version=_pin("torch").split("==")[1], backend="torch", code=code_dir_subpath)
+                            torch_version=_get_pinned_requirement("torch").split("==")[1], backend="torch", code=code_dir_subpath)
     mlflow_model.save(os.path.join(path, MLMODEL_FILE_NAME))
 
     if conda_env is None:

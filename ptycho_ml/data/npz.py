@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ptycho_ml.data.atomic import atomic_path, zip_entry
+from ptycho_ml.data.scan import take_rows
 from ptycho_ml import config as limits
 from ptycho_ml.errors import PtychoInputError
 
@@ -81,6 +82,17 @@ class StoredArray:
             raise PtychoInputError(f"{self.path}: file is truncated, expected rows {start}..{stop - 1}")
         return out
 
+    def _sorted_rows(self, unique: np.ndarray, fh) -> np.ndarray:
+        """Rows ``unique`` (strictly increasing): one read of the span when dense, else one per run."""
+        if unique[-1] - unique[0] + 1 <= 4 * len(unique):
+            # Dense enough (e.g. neighbour groups of a raster): one read of the span.
+            return self._rows(int(unique[0]), int(unique[-1]) + 1, fh)[unique - unique[0]]
+        out = np.empty((len(unique),) + self.shape[1:], self.dtype)
+        breaks = np.flatnonzero(np.diff(unique) != 1) + 1
+        for run in np.split(np.arange(len(unique)), breaks):
+            out[run[0]:run[-1] + 1] = self._rows(int(unique[run[0]]), int(unique[run[-1]]) + 1, fh)
+        return out
+
     def __getitem__(self, key) -> np.ndarray:
         rest = ()
         if isinstance(key, tuple):
@@ -99,17 +111,7 @@ class StoredArray:
                 index = np.where(index < 0, index + len(self), index)
                 if index.size and (index.min() < 0 or index.max() >= len(self)):
                     raise IndexError(f"row index out of range for {len(self)} rows")
-                unique, inverse = np.unique(index, return_inverse=True)
-                if len(unique) and unique[-1] - unique[0] + 1 <= 4 * len(unique):
-                    # Dense enough (e.g. neighbour groups of a raster): one read of the span.
-                    out = self._rows(int(unique[0]), int(unique[-1]) + 1, fh)[unique - unique[0]]
-                else:
-                    out = np.empty((len(unique),) + self.shape[1:], self.dtype)
-                    # One read per run of consecutive rows.
-                    breaks = np.flatnonzero(np.diff(unique) != 1) + 1
-                    for run in np.split(np.arange(len(unique)), breaks) if len(unique) else []:
-                        out[run[0]:run[-1] + 1] = self._rows(int(unique[run[0]]), int(unique[run[-1]]) + 1, fh)
-                out = out[inverse.reshape(index.shape)]
+                out = take_rows(lambda rows: self._sorted_rows(rows, fh), index, self.shape[1:], self.dtype)
         if not rest:
             return out
         scalar_key = not isinstance(key, slice) and np.ndim(key) == 0

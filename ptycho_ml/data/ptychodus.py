@@ -34,13 +34,12 @@ import numpy as np
 from ptycho_ml.data.atomic import atomic_h5
 from ptycho_ml import config as limits
 from ptycho_ml.errors import PtychoInputError, field_error
+from ptycho_ml.units import wavelength_m
 from ptycho_ml.data.ptychopinn import write_ptychopinn
-from ptycho_ml.data.scan import ScanData, check_positions_inside
+from ptycho_ml.data.scan import ScanData, check_positions_inside, take_rows
 
 PRODUCT_FILE = "product.h5"
 DIFFRACTION_FILE = "diffraction.h5"
-# h c / e, metres * eV (CODATA exact constants, as ptychodus uses).
-HC_EV_M = 6.62607015e-34 * 299792458.0 / 1.602176634e-19
 
 #: Geometry used when a scan carries none (an NPZ without simulator metadata).
 DEFAULT_GEOMETRY: dict[str, float] = {
@@ -82,9 +81,8 @@ class _Rows:
             return np.empty((0,) + self.shape[1:], self.dtype)
         if rows[-1] - rows[0] + 1 == len(rows) and np.all(np.diff(rows) == 1):
             block = self._dataset[int(rows[0]):int(rows[-1]) + 1]
-        else:  # h5py wants strictly increasing indices: read the unique sorted rows, then expand
-            uniq, inverse = np.unique(rows, return_inverse=True)
-            block = self._dataset[uniq][inverse]
+        else:
+            block = take_rows(lambda sorted_rows: self._dataset[sorted_rows], rows, self.shape[1:], self.dtype)
         return block[0] if np.ndim(self._rows[key]) == 0 else block
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
@@ -347,11 +345,11 @@ def geometry_from_scan(scan: ScanData) -> dict[str, float]:
     for key in (*DEFAULT_GEOMETRY, *_DETECTOR_KEYS):
         if recorded.get(key) is not None:
             geometry[key] = float(recorded[key])
-    wavelength_m = HC_EV_M / geometry["photon_energy_eV"]
+    wavelength = wavelength_m(geometry["photon_energy_eV"])
     for axis in ("width", "height"):
         key = f"detector_pixel_{axis}_m"
         if geometry.get(key) is None:
-            geometry[key] = wavelength_m * geometry["detector_object_distance_m"] / (scan.N * geometry[f"object_pixel_{axis}_m"])
+            geometry[key] = wavelength * geometry["detector_object_distance_m"] / (scan.N * geometry[f"object_pixel_{axis}_m"])
     return geometry
 
 

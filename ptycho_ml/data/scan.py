@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,10 +66,7 @@ class ScanData:
         if isinstance(indices, slice):
             block = np.asarray(self.patterns[indices])
         else:
-            indices = np.asarray(indices)
-            # h5py needs strictly increasing indices: read each distinct pattern once, then expand.
-            unique, inverse = np.unique(indices, return_inverse=True)
-            block = np.asarray(self.patterns[unique])[inverse] if len(unique) else np.empty((0,) + tuple(self.patterns.shape[1:]), self.patterns.dtype)
+            block = take_rows(lambda rows: self.patterns[rows], indices, self.patterns.shape[1:], self.patterns.dtype)
         block = np.array(block, dtype=np.float32)  # a private, writable copy of just this batch
         check_values(block, self.source, self.patterns_field)
         return np.sqrt(block) if self.patterns_are_counts else block
@@ -85,6 +82,21 @@ class ScanData:
         return ScanData(self.amplitude(np.sort(indices)), self.probe, self.positions_px[np.sort(indices)],
                         self.obj_shape, self.obj, self.bad_pixels, dict(self.metadata), self.source,
                         False, self.patterns_field)
+
+
+def take_rows(read_sorted: Callable[[np.ndarray], Any], indices: Any, row_shape: tuple[int, ...],
+              dtype: Any) -> np.ndarray:
+    """``array[indices]`` for indices in any order, with repeats, reading each distinct row once.
+
+    ``read_sorted(rows)`` reads strictly increasing int64 ``rows`` (what h5py
+    and on-disk NPZ members need); the block is then expanded to the
+    requested order and shape ``indices.shape + row_shape``.
+    """
+    indices = np.asarray(indices, dtype=np.int64)
+    unique, inverse = np.unique(indices, return_inverse=True)
+    if not len(unique):
+        return np.empty(indices.shape + tuple(row_shape), dtype)
+    return np.asarray(read_sorted(unique))[inverse.reshape(indices.shape)]
 
 
 def check_values(block: np.ndarray, source: str, name: str) -> None:

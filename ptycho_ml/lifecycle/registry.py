@@ -100,25 +100,39 @@ def resolve_model_uri(model_uri: str | None = None, *, name: str | None = None, 
     return f"models:/{name}/{_check_version(version)}"  # type: ignore[arg-type]
 
 
+def parse_models_uri(uri: str):
+    """MLflow's own parse of a ``models:/`` URI (``ParsedModelUri``: model_id, name, version, stage, alias).
+
+    None for any other URI or path; a one-line error for a malformed ``models:/`` URI.
+    A trailing slash is forgiven.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.artifact.utils.models import _parse_model_uri
+
+    if not uri.startswith("models:/"):
+        return None
+    try:
+        return _parse_model_uri(uri.rstrip("/"))
+    except MlflowException:
+        raise PtychoInputError(f"{uri}: found no usable model name or selector, expected models:/NAME/STAGE, "
+                               "models:/NAME@ALIAS or models:/NAME/VERSION") from None
+
+
 def _normalise_uri(uri: str) -> str:
     """Check a ``models:/`` URI's selector and canonicalise its stage; other URIs and paths pass unchanged."""
-    if not uri.startswith("models:/"):
+    parsed = parse_models_uri(uri)
+    if parsed is None or parsed.model_id:  # not a registry URI, or a logged-model id (models:/m-...) in MLflow 3
         return uri
-    rest = uri[len("models:/"):].rstrip("/")
-    if "@" in rest:
-        name, alias = rest.split("@", 1)
-        return f"models:/{_check_name(name, uri)}@{_check_alias(alias, uri)}"
-    if "/" not in rest:  # a logged-model id (models:/m-...) in MLflow 3
-        if not rest:
-            raise PtychoInputError(f"{uri}: found no model name, expected models:/NAME/STAGE, models:/NAME@ALIAS or models:/NAME/VERSION")
-        return uri
-    name, selector = rest.split("/", 1)
-    _check_name(name, uri)
-    if selector.isdigit() or selector.lower() == "latest":
-        return f"models:/{name}/{_check_version(selector, uri)}"
-    if selector.lower() in (s.lower() for s in STAGES):
-        return f"models:/{name}/{canonical_stage(selector, uri)}"
-    raise PtychoInputError(f"{uri}: found {selector!r} after the model name, expected a version number, 'latest', "
+    name = _check_name(parsed.name, uri)
+    if parsed.alias is not None:
+        return f"models:/{name}@{_check_alias(parsed.alias, uri)}"
+    if parsed.version is not None:
+        return f"models:/{name}/{_check_version(parsed.version, uri)}"
+    if parsed.stage is None:
+        return f"models:/{name}/latest"
+    if parsed.stage.lower() in (st.lower() for st in STAGES):
+        return f"models:/{name}/{canonical_stage(parsed.stage, uri)}"
+    raise PtychoInputError(f"{uri}: found {parsed.stage!r} after the model name, expected a version number, 'latest', "
                            f"a stage ({', '.join(STAGES)}) or models:/{name}@ALIAS")
 
 
@@ -169,10 +183,10 @@ def _explain_load_failure(uri: str, exc: BaseException) -> str:
     import mlflow
 
     reason = _first_line(exc)
-    rest = uri[len("models:/"):].rstrip("/")
-    if not uri.startswith("models:/") or ("/" not in rest and "@" not in rest):  # runs:/, paths, logged-model ids
+    parsed = parse_models_uri(uri)
+    if parsed is None or parsed.model_id:  # runs:/, paths, logged-model ids
         return f"{uri}: {reason}"
-    name, sep, selector = rest.partition("@") if "@" in rest else rest.partition("/")
+    name = parsed.name
     try:
         client = _client()
         if not _is_registered(client, name):
@@ -181,12 +195,12 @@ def _explain_load_failure(uri: str, exc: BaseException) -> str:
         holdings = describe_registry(name, client)
     except Exception:  # describing is best effort; the reason alone still names the problem
         return f"{uri}: {reason}"
-    if sep == "@":
-        wanted = f"'{name}' has no alias '{selector}'"
-    elif selector.isdigit():
-        wanted = f"'{name}' has no version {selector}"
-    elif selector in STAGES:
-        wanted = f"no version of '{name}' is in stage {selector}"
+    if parsed.alias is not None:
+        wanted = f"'{name}' has no alias '{parsed.alias}'"
+    elif parsed.version is not None:
+        wanted = f"'{name}' has no version {parsed.version}"
+    elif parsed.stage in STAGES:
+        wanted = f"no version of '{name}' is in stage {parsed.stage}"
     else:
         wanted = reason
     return f"{uri}: {wanted}; {holdings}"

@@ -192,11 +192,6 @@ def angular_spectrum_propagate(
     return out.to(field.dtype)
 
 
-def wavelength_m(energy_eV: float) -> float:
-    """Photon wavelength in metres: λ = hc / E."""
-    return 1.239841984e-6 / energy_eV
-
-
 # --------------------------------------------------------------------------
 # Overlap operators of a group of C patches (the PINN's overlap constraint)
 

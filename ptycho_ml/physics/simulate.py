@@ -20,6 +20,7 @@ from ptycho_ml.data import ptychopinn
 from ptycho_ml.data.ptychopinn import write_ptychopinn
 from ptycho_ml.errors import PtychoInputError
 from ptycho_ml.physics import forward as physics
+from ptycho_ml.units import wavelength_m
 
 # --------------------------------------------------------------------------
 # Objects: real maps t in [0, 1] per family, combined into a complex object
@@ -123,7 +124,7 @@ def make_probe(cfg: SimulationConfig) -> np.ndarray:
         pupil = ndimage.gaussian_filter((np.hypot(fx, fy) <= cfg.aperture_radius_px).astype(np.float64), 0.8).astype(np.complex128)
         focus = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(pupil), norm="ortho"))
         probe = physics.angular_spectrum_propagate(
-            torch.from_numpy(focus), cfg.defocus_m, physics.wavelength_m(cfg.energy_eV), cfg.pixel_size_m
+            torch.from_numpy(focus), cfg.defocus_m, wavelength_m(cfg.energy_eV), cfg.pixel_size_m
         ).numpy()
     probe = probe * math.sqrt(cfg.nphotons / float(np.sum(np.abs(probe) ** 2)))
     return probe.astype(np.complex64)
