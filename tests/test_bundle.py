@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 import zipfile
@@ -149,7 +150,8 @@ def test_manifest_contents(good: Path) -> None:
     assert man["members"] == {"wts.h5": {"sha256": hashlib.sha256(members["wts.h5"]).hexdigest(),
                                          "size": len(members["wts.h5"])}}
     state = _state(0)
-    assert man["models"] == {n: {"n_arrays": len(s), "n_values": sum(a.size for a in s.values())}
+    assert man["models"] == {n: {"n_arrays": len(s), "n_values": sum(a.size for a in s.values()),
+                                 "shapes": {k: list(a.shape) for k, a in s.items()}}
                              for n, s in state.items()}
     assert read_bundle(good).manifest == man
 
@@ -467,6 +469,37 @@ def test_links_and_bad_probe_rejected(good: Path, tmp_path: Path) -> None:
 
     bad = _repack(good, tmp_path / "bad2.zip", h5=_edit_h5(good, tmp_path, real_probe))
     with _raises(r"wts\.h5:/probe': found float32 \(8, 8\), expected .*complex64"):
+        read_bundle(bad)
+
+
+def _first_weight(f: h5py.File) -> tuple[str, tuple[int, ...]]:
+    key = next(iter(f["autoencoder"]))
+    return key, f["autoencoder"][key].shape
+
+
+def test_removed_weight_is_named(good: Path, tmp_path: Path) -> None:
+    """A weight deleted from wts.h5 (checksum re-signed) is refused by name, not by a count."""
+    names = []
+    h5 = _edit_h5(good, tmp_path, lambda f: (names.append(_first_weight(f)[0]), f["autoencoder"].__delitem__(names[0])))
+    bad = _repack(good, tmp_path / "bad.zip", h5=h5)
+    with _raises(rf"field 'wts\.h5:/autoencoder': found no weight '{re.escape(names[0])}', expected "
+                 rf"'{re.escape(names[0])}' of shape \[.*\] as listed in manifest\.json"):
+        read_bundle(bad)
+
+
+def test_reshaped_weight_is_named(good: Path, tmp_path: Path) -> None:
+    seen = []
+
+    def reshape(f: h5py.File) -> None:
+        key, shape = _first_weight(f)
+        seen.append((key, shape))
+        data = f["autoencoder"][key][()]
+        del f["autoencoder"][key]
+        f["autoencoder"].create_dataset(key, data=data.reshape(-1)[:-1] if data.size > 1 else np.zeros(2, data.dtype))
+
+    bad = _repack(good, tmp_path / "bad.zip", h5=_edit_h5(good, tmp_path, reshape))
+    key, shape = seen[0]
+    with _raises(rf"found weight '{re.escape(key)}' of shape \[\d+\], expected shape {re.escape(str(list(shape)))}"):
         read_bundle(bad)
 
 

@@ -19,7 +19,7 @@ from ptycho_ml.data.ptychodus import geometry_from_scan, write_product
 from ptycho_ml.data.scan import ScanData, centres_box
 from ptycho_ml.data.storage import OutputLocation
 from ptycho_ml.inference import metrics as metrics_mod
-from ptycho_ml.inference.reconstruct import ReconstructionResult, reconstruct
+from ptycho_ml.inference.reconstruct import ReconstructionResult, check_compatible, reconstruct
 from ptycho_ml.model.network import DiffractionToObject
 
 #: The files a reconstruction writes, in the order they are reported.
@@ -72,6 +72,7 @@ def run_reconstruction(model: DiffractionToObject, scan: ScanData, cfg: Inferenc
 
     Nothing is written (or uploaded) unless the reconstruction succeeded.
     """
+    check_compatible(model, scan)  # refuse before the output directory is made
     with OutputLocation(out) as loc:  # checks an S3 destination before the work, uploads after it
         result = reconstruct(model, scan, cfg)
         summary: dict[str, Any] = {"source": scan.source, "model": model_source, "n_patterns": result.n_patterns,

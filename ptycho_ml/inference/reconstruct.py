@@ -27,6 +27,11 @@ from ptycho_ml.physics.refine import refine_object
 from ptycho_ml.physics.stitching import Stitcher
 
 
+#: Bytes per object pixel a reconstruction holds: stitching numerator and weights, the network's
+#: object, the refined object and its momentum (complex64 = 8 bytes, float32 = 4).
+CANVAS_BYTES_PER_PIXEL = 8 + 4 + 8 + 8 + 8
+
+
 @dataclass
 class ReconstructionResult:
     """obj ``(H, W) complex64`` (final), network_obj ``(H, W) complex64`` (before refinement)."""
@@ -40,15 +45,29 @@ class ReconstructionResult:
 
 
 def check_compatible(model: DiffractionToObject, scan: ScanData) -> None:
-    """The scan's pattern size must be the model's N."""
+    """Refuse, before anything is allocated, a scan this model cannot reconstruct here.
+
+    The scan's pattern size must be the model's N, and its object canvas
+    (set by how far apart the positions are) must fit the stated limit
+    :func:`ptycho_ml.config.max_canvas_pixels`.
+    """
     if scan.N != model.cfg.N:
         raise PtychoInputError(f"{scan.source}: field '{scan.patterns_field}': found {scan.N}x{scan.N} patterns, expected {model.cfg.N}x{model.cfg.N} for this model")
+    H, W = scan.obj_shape
+    limit = limits.max_canvas_pixels()
+    if H * W > limit:
+        gib = H * W * CANVAS_BYTES_PER_PIXEL / 2**30
+        raise PtychoInputError(
+            f"{scan.source}: field 'xcoords/ycoords': positions span an object canvas of {H} x {W} = {H * W:.3g} pixels "
+            f"(about {gib:.3g} GiB to reconstruct), expected at most {limit} pixels "
+            f"(${limits.MAX_CANVAS_PIXELS_ENV} raises the limit); check the positions' units (pixels, not metres or nm)")
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def _progress(total: int, desc: str, enabled: bool, unit: str):
+    """A progress bar counting ``unit`` (patterns through the network, passes of the refinement)."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="pattern", disable=not enabled, leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, leave=False)
 
 
 def inference_probe(model: DiffractionToObject, scan: ScanData, sample: int = 512) -> torch.Tensor:
@@ -107,7 +126,7 @@ def network_object(model: DiffractionToObject, scan: ScanData, batch_size: int =
     stitcher = Stitcher(scan.obj_shape, intensity_of(probe))
     good = None if scan.good_pixels is None else torch.from_numpy(scan.good_pixels)
     group_batch = max(1, batch_size // C)
-    with _progress(len(scan), "reconstruct", progress) as bar, torch.inference_mode():
+    with _progress(len(scan), "reconstruct", progress, unit="pattern") as bar, torch.inference_mode():
         for start in range(0, len(groups), group_batch):
             members, keep = groups[start:start + group_batch], owned[start:start + group_batch]
             if C == 1:  # contiguous reads
@@ -146,6 +165,7 @@ def finetune_on_scan(model: DiffractionToObject, scan: ScanData, epochs: int, ba
 def reconstruct(model: DiffractionToObject, scan: ScanData, cfg: InferenceConfig | None = None) -> ReconstructionResult:
     """Reconstruct the scan's object: network + stitching, then the configured refinement."""
     cfg = cfg or InferenceConfig()
+    check_compatible(model, scan)
     threads = min(cfg.threads, available_cpu_threads()) if cfg.threads else available_cpu_threads()
     torch.set_num_threads(threads)
     model.eval()
@@ -166,7 +186,7 @@ def reconstruct(model: DiffractionToObject, scan: ScanData, cfg: InferenceConfig
         amplitudes = None
         if len(scan) * scan.N * scan.N <= limits.REFINE_IN_MEMORY_MAX_VALUES:  # small scans: read once, not every step
             amplitudes = torch.from_numpy(scan.amplitude(slice(0, len(scan))))
-        with _progress(cfg.refine_steps, "refine", cfg.progress) as bar:
+        with _progress(cfg.refine_steps, "refine", cfg.progress, unit="pass") as bar:
             result = refine_object(obj, scan, probe, cfg.refine_steps, amplitudes=amplitudes,
                                    on_step=lambda i, loss: bar.update(1))
         obj, history = result.obj, result.loss_history

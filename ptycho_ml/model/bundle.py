@@ -104,7 +104,8 @@ def write_bundle(path: str | os.PathLike, *, models: Mapping[str, Mapping[str, A
         "package_version": __version__,
         "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "members": {WEIGHTS: {"sha256": hashlib.sha256(h5_bytes).hexdigest(), "size": len(h5_bytes)}},
-        "models": {name: _counts(state.values()) for name, state in arrays.items()},
+        "models": {name: {**_counts(state.values()), "shapes": {k: list(a.shape) for k, a in state.items()}}
+                   for name, state in arrays.items()},
     }
     _atomic_write_zip(path, {MANIFEST: json.dumps(manifest, indent=2).encode("utf-8"), WEIGHTS: h5_bytes})
     return path
@@ -178,6 +179,22 @@ def _to_json(name: str, value: Any, *, allow_nan: bool) -> str:
 def _counts(arrays: Any) -> dict[str, int]:
     arrays = list(arrays)
     return {"n_arrays": len(arrays), "n_values": int(sum(int(a.size) for a in arrays))}
+
+
+def weight_mismatch(expected: Mapping[str, Any], found: Mapping[str, Any]) -> tuple[str, str] | None:
+    """The first difference between two ``{weight name: shape}`` maps, as ``(found, expected)`` text, or None.
+
+    Names the weight: a missing one, an extra one, or one whose shape differs.
+    """
+    for key, shape in expected.items():
+        if key not in found:
+            return f"no weight '{key}'", f"'{key}' of shape {list(shape)}"
+        if list(found[key]) != list(shape):
+            return f"weight '{key}' of shape {list(found[key])}", f"shape {list(shape)}"
+    for key, shape in found.items():
+        if key not in expected:
+            return f"an extra weight '{key}' of shape {list(shape)}", "only the listed weights"
+    return None
 
 
 def _h5_image(models: dict[str, dict[str, np.ndarray]], probe: np.ndarray, scale: float,
@@ -325,10 +342,16 @@ def _parse_manifest(path: Path, raw: bytes) -> dict:
     models = manifest.get("models")
     if not isinstance(models, dict) or not all(
             isinstance(c, dict) and type(c.get("n_arrays")) is int and type(c.get("n_values")) is int
-            for c in models.values()):
+            and _shapes_ok(c.get("shapes", {})) for c in models.values()):
         raise field_error(src, f"{MANIFEST}:models", json.dumps(models)[:200],
                           '{name: {"n_arrays": int, "n_values": int}}')
     return manifest
+
+
+def _shapes_ok(shapes: Any) -> bool:
+    """``{weight name: [dim, ...]}`` (recorded since 0.1.0; older manifests have counts only)."""
+    return isinstance(shapes, dict) and all(
+        isinstance(v, list) and all(type(d) is int and d >= 0 for d in v) for v in shapes.values())
 
 
 def _read_h5(path: Path, h5_bytes: bytes, manifest: dict, *, load: bool) -> dict:
@@ -397,9 +420,14 @@ def _walk_h5(path: Path, f: h5py.File, manifest: dict, *, load: bool) -> dict:
     models: dict[str, Any] = {}
     for name, group in groups.items():
         datasets = {key: _weight(src, group, name, key) for key in group}
+        recorded = manifest["models"].get(name) or {}
+        mismatch = weight_mismatch(recorded.get("shapes", {}), {k: ds.shape for k, ds in datasets.items()}) \
+            if "shapes" in recorded else None
+        if mismatch:
+            raise field_error(src, f"{WEIGHTS}:/{name}", mismatch[0], f"{mismatch[1]} as listed in {MANIFEST}")
         counts = _counts(ds for ds in datasets.values())
-        if manifest["models"].get(name) != counts:
-            raise field_error(src, f"{MANIFEST}:models.{name}", json.dumps(manifest["models"].get(name)),
+        if {k: recorded.get(k) for k in counts} != counts:
+            raise field_error(src, f"{MANIFEST}:models.{name}", json.dumps({k: recorded.get(k) for k in counts}),
                               f"{json.dumps(counts)} as found in {WEIGHTS}")
         if load:
             models[name] = {key: np.asarray(ds[()]) for key, ds in datasets.items()}

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ptycho_ml.model.bundle import read_bundle, write_bundle
+from ptycho_ml.model.bundle import read_bundle, weight_mismatch, write_bundle
 from ptycho_ml.config import ModelConfig
 from ptycho_ml.errors import PtychoInputError
 from ptycho_ml.model.network import DiffractionToObject
@@ -53,11 +53,12 @@ def load_model_bundle(path: str | Path) -> tuple[DiffractionToObject, dict[str, 
     cfg = ModelConfig.from_dict(bundle.config["model"])
     model = DiffractionToObject(cfg, torch.from_numpy(bundle.probe), bundle.amplitude_scale)
     state = {k: torch.from_numpy(np.array(v)) for k, v in bundle.models["diffraction_to_obj"].items()}
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else "mismatch"
-        raise PtychoInputError(f"{path}: model 'diffraction_to_obj': weights do not match the architecture ({first}), expected a bundle written by this model config") from None
+    mismatch = weight_mismatch({k: tuple(v.shape) for k, v in model.state_dict().items()},
+                               {k: tuple(v.shape) for k, v in state.items()})
+    if mismatch:  # name the weight (torch's own message would not)
+        raise PtychoInputError(f"{path}: model 'diffraction_to_obj': found {mismatch[0]}, expected {mismatch[1]} "
+                               "for the architecture its model config describes")
+    model.load_state_dict(state, strict=True)
     generator_state = model.generator.state_dict()
     autoencoder = bundle.models["autoencoder"]
     if set(autoencoder) != set(generator_state) or any(
