@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Scans larger than memory: does `ptycho-ml reconstruct` stream (DESIGN §3)?
+"""Scans larger than memory: does `ptycho-ml reconstruct` stream (docs/architecture.md, memory limits)?
 
 Generates two simulated raster scans with :func:`ptycho_ml.physics.simulate.simulate_large_scan`
 (``--small`` and ``--large`` patterns, written chunk by chunk so generation is

@@ -34,7 +34,7 @@ line with the scalars (plus ``probe_drift``, the largest change of the probe
 during the run relative to its peak, 0 when it stayed fixed, and quick metrics
 when ``objectGuess`` is present) is printed last on stdout, prefixed ``RESULT``.
 
-Conventions (DESIGN §9, pty-chi 2.2.0)
+Conventions (pty-chi 2.2.0, measured here)
 --------------------------------------
 * pty-chi's far field is the unnormalised FFT; our data use ``norm="ortho"``,
   so the probe passed to it is ``probeGuess / N``.
@@ -104,7 +104,9 @@ HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent
 DEFAULT_VENV = HERE / ".venv-ptychi"
 PTYCHI_SPEC = "ptychi==2.2.0"
-TORCH_SPEC = "torch==2.13.0"
+# The project's one torch pin (python_env.yaml), for a venv that has no torch yet.
+TORCH_SPEC = next(line.strip().lstrip("- ").strip() for line in (REPO_ROOT / "python_env.yaml").read_text().splitlines()
+                  if line.strip().startswith("- torch=="))
 # ptychi's Requires-Dist that we never install: torchvision (see docstring)
 # and development tools that ptychi lists but never imports at run time.
 NEVER_INSTALL = {"torchvision", "mypy", "pytest", "ruff"}

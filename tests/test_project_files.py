@@ -58,3 +58,32 @@ def test_mlproject_uses_python_env_and_has_the_entry_points():
     main = project["entry_points"]["main"]["parameters"]
     assert main["backend"]["default"] == "torch" and main["register_as"]["default"] == "ptychopinn"
     assert {"data", "epochs", "gridsize", "preset", "seed"} <= set(main)
+
+
+def _torch_pin() -> str:
+    return next(d for d in _python_env()["dependencies"] if d.startswith("torch=="))
+
+
+def test_one_torch_pin_everywhere():
+    """python_env.yaml holds the pin; every other file that spells one (README, docs, CI, benchmarks) agrees."""
+    import re
+
+    pin = _torch_pin()
+    assert re.fullmatch(r"torch==\d+\.\d+\.\d+", pin)
+    readme = (ROOT / "README.md").read_text()
+    assert f"pip install {pin} && pip install -e \".[dev]\" && mlflow run . -P backend=torch" in readme
+    assert f"pip install {pin} && pip install -e \".[dev]\" && python -m pytest" in readme
+    files = [ROOT / "README.md", ROOT / "conda.yaml", ROOT / ".ci" / "run", *sorted((ROOT / "docs").glob("*.md")),
+             *sorted((ROOT / "benchmarks").glob("*.py")), *sorted((ROOT / "ptycho_ml").rglob("*.py"))]
+    for path in files:
+        for found in re.findall(r"torch==[\d.]*\d", path.read_text()):
+            assert found == pin, f"{path.relative_to(ROOT)} spells {found}, python_env.yaml pins {pin}"
+    assert "python_env.yaml" in (ROOT / ".ci" / "run").read_text()  # CI reads the pin, it does not repeat it
+
+
+def test_extras_add_something_and_the_serving_client_needs_no_extra():
+    project = _pyproject()
+    runtime = {Requirement(r).name for r in project["dependencies"]}
+    for extra, reqs in project.get("optional-dependencies", {}).items():
+        assert reqs and not ({Requirement(r).name for r in reqs} & runtime), extra
+    assert {"pyarrow", "requests"} <= runtime  # imported by ptycho_ml.lifecycle.serving_client

@@ -1,6 +1,6 @@
 """ptychodus 1.7.0 interop: read a ``diffraction.h5`` + ``product.h5`` pair, write both.
 
-Layout (DESIGN §3.3, checked against ptychodus 1.7.0 ``ptychodus.api.io``):
+Layout (docs/formats.md; checked against ptychodus 1.7.0 ``ptychodus.api.io``):
 
 - ``diffraction.h5``: ``patterns (M, H, W)`` counts in any dtype, with attributes
   ``detector_pixel_width_m`` / ``detector_pixel_height_m``; ``indexes (M,)``;

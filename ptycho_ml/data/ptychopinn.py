@@ -213,7 +213,7 @@ def _bad_pixels(value: Any, N: int, path: str) -> np.ndarray | None:
 
 
 def _looks_like_counts(patterns: Any, pname: str, path: str) -> bool:
-    """Detect intensity input (DESIGN §2): an integer dtype, or floats that are all whole numbers > 1."""
+    """Detect intensity input (docs/architecture.md, "Conventions"): an integer dtype, or floats that are all whole numbers > 1."""
     if np.issubdtype(patterns.dtype, np.integer):
         return True
     sample = np.asarray(patterns[: min(len(patterns), 8)], dtype=np.float64)

@@ -1,4 +1,4 @@
-"""Local paths and ``s3://bucket/key`` URIs, through boto3 (DESIGN §3.4).
+"""Local paths and ``s3://bucket/key`` URIs, through boto3 (docs/formats.md, "S3").
 
 The endpoint comes from ``AWS_ENDPOINT_URL`` or ``MLFLOW_S3_ENDPOINT_URL``
 (for MinIO, moto or other S3-compatible stores); credentials from boto3's

@@ -1,4 +1,4 @@
-"""Reconstruction quality metrics with global-phase alignment (DESIGN §2).
+"""Reconstruction quality metrics with global-phase alignment (docs/architecture.md, "Conventions").
 
 SSIM, PSNR (peak = data range of the reference, not 255), MAE and FRC
 resolution, for amplitude and phase separately, on the region covered by the

@@ -1,4 +1,4 @@
-"""The model artifact ``wts.h5.zip``: write, read and inspect (DESIGN.md §5).
+"""The model artifact ``wts.h5.zip``: write, read and inspect (docs/architecture.md, "The model bundle").
 
 A zip whose members are exactly ``manifest.json`` and ``wts.h5``. The HDF5
 file (readable with ``h5ls``) holds::

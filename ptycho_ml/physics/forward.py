@@ -1,4 +1,4 @@
-"""Pure-torch ptychographic forward model (DESIGN §2). Knows nothing of training.
+"""Pure-torch ptychographic forward model (docs/architecture.md, "Conventions"). Knows nothing of training.
 
 Conventions
 -----------

@@ -1,4 +1,4 @@
-"""Data-fidelity losses on diffraction (DESIGN §2). Pure torch."""
+"""Data-fidelity losses on diffraction (docs/architecture.md, "Conventions"). Pure torch."""
 
 from __future__ import annotations
 
