@@ -36,7 +36,11 @@ _API = {
     "PtychoInputError": "ptycho_ml.errors",
 }
 
-__all__ = ["__version__", *_API]
+__all__ = [  # the names of _API
+    "__version__", "train", "TrainResult", "reconstruct", "ReconstructionResult", "run_reconstruction",
+    "evaluate_model", "load_scan", "ScanData", "load_model_bundle", "save_model_bundle", "DiffractionToObject",
+    "TrainingConfig", "InferenceConfig", "ModelConfig", "SimulationConfig", "PtychoInputError",
+]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
     from ptycho_ml.config import InferenceConfig, ModelConfig, SimulationConfig, TrainingConfig

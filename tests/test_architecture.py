@@ -38,3 +38,15 @@ def test_an_upward_import_breaks_the_contract(tmp_path, module, upward):
     target.write_text(target.read_text() + f"\n{upward}\n")
     proc = _lint(tmp_path, tmp_path)
     assert proc.returncode != 0 and "broken" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_public_api_is_importable_from_the_package_and_lazy():
+    """`from ptycho_ml import train, ...` works, and `import ptycho_ml` alone loads no torch or MLflow."""
+    import ptycho_ml
+
+    assert set(ptycho_ml.__all__) == {"__version__", *ptycho_ml._API}
+    for name in ptycho_ml._API:
+        assert getattr(ptycho_ml, name).__name__ == name
+    code = "import sys, ptycho_ml; print(sorted({'torch', 'mlflow', 'lightning'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout.strip()
+    assert out == "[]"

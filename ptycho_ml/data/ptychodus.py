@@ -22,7 +22,6 @@ for y with the height), ptychodus's ``ObjectGeometry.map_coordinates_probe_to_ob
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from collections.abc import Iterator, Mapping, Sequence

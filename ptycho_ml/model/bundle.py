@@ -104,8 +104,10 @@ def write_bundle(path: str | os.PathLike, *, models: Mapping[str, Mapping[str, A
         "package_version": __version__,
         "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "members": {WEIGHTS: {"sha256": hashlib.sha256(h5_bytes).hexdigest(), "size": len(h5_bytes)}},
-        "models": {name: {**_counts(state.values()), "shapes": {k: list(a.shape) for k, a in state.items()}}
-                   for name, state in arrays.items()},
+        "models": {name: _counts(state.values()) for name, state in arrays.items()},
+        # Per-weight shapes, so a missing or reshaped weight is refused by name. A top-level key:
+        # readers that predate it ignore it.
+        "shapes": {name: {k: list(a.shape) for k, a in state.items()} for name, state in arrays.items()},
     }
     _atomic_write_zip(path, {MANIFEST: json.dumps(manifest, indent=2).encode("utf-8"), WEIGHTS: h5_bytes})
     return path
@@ -342,9 +344,13 @@ def _parse_manifest(path: Path, raw: bytes) -> dict:
     models = manifest.get("models")
     if not isinstance(models, dict) or not all(
             isinstance(c, dict) and type(c.get("n_arrays")) is int and type(c.get("n_values")) is int
-            and _shapes_ok(c.get("shapes", {})) for c in models.values()):
+            for c in models.values()):
         raise field_error(src, f"{MANIFEST}:models", json.dumps(models)[:200],
                           '{name: {"n_arrays": int, "n_values": int}}')
+    if "shapes" in manifest and not (isinstance(manifest["shapes"], dict)
+                                     and all(_shapes_ok(v) for v in manifest["shapes"].values())):
+        raise field_error(src, f"{MANIFEST}:shapes", json.dumps(manifest["shapes"])[:200],
+                          '{model: {weight: [dim, ...]}}')
     return manifest
 
 
@@ -421,8 +427,8 @@ def _walk_h5(path: Path, f: h5py.File, manifest: dict, *, load: bool) -> dict:
     for name, group in groups.items():
         datasets = {key: _weight(src, group, name, key) for key in group}
         recorded = manifest["models"].get(name) or {}
-        mismatch = weight_mismatch(recorded.get("shapes", {}), {k: ds.shape for k, ds in datasets.items()}) \
-            if "shapes" in recorded else None
+        shapes = manifest.get("shapes", {}).get(name)
+        mismatch = weight_mismatch(shapes, {k: ds.shape for k, ds in datasets.items()}) if shapes is not None else None
         if mismatch:
             raise field_error(src, f"{WEIGHTS}:/{name}", mismatch[0], f"{mismatch[1]} as listed in {MANIFEST}")
         counts = _counts(ds for ds in datasets.values())
