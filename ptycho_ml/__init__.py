@@ -34,12 +34,18 @@ _API = {
     "ModelConfig": "ptycho_ml.config",
     "SimulationConfig": "ptycho_ml.config",
     "PtychoInputError": "ptycho_ml.errors",
+    # a client of a served model
+    "to_json_payload": "ptycho_ml.lifecycle.serving_client",
+    "to_parquet_payload": "ptycho_ml.lifecycle.serving_client",
+    "decode_predictions": "ptycho_ml.lifecycle.serving_client",
+    "reconstruct_remote": "ptycho_ml.lifecycle.serving_client",
 }
 
 __all__ = [  # the names of _API
     "__version__", "train", "TrainResult", "reconstruct", "ReconstructionResult", "run_reconstruction",
     "evaluate_model", "load_scan", "ScanData", "load_model_bundle", "save_model_bundle", "DiffractionToObject",
     "TrainingConfig", "InferenceConfig", "ModelConfig", "SimulationConfig", "PtychoInputError",
+    "to_json_payload", "to_parquet_payload", "decode_predictions", "reconstruct_remote",
 ]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
@@ -50,6 +56,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from ptycho_ml.inference.evaluate import evaluate_model
     from ptycho_ml.inference.outputs import run_reconstruction
     from ptycho_ml.inference.reconstruct import ReconstructionResult, reconstruct
+    from ptycho_ml.lifecycle.serving_client import (decode_predictions, reconstruct_remote, to_json_payload,
+                                                    to_parquet_payload)
     from ptycho_ml.lifecycle.training import TrainResult, train
     from ptycho_ml.model.bundle_io import load_model_bundle, save_model_bundle
     from ptycho_ml.model.network import DiffractionToObject
