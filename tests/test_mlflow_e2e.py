@@ -59,8 +59,16 @@ def test_mlflow_run_logs_params_metrics_artifacts_and_registers(lifecycle):
     assert params["cfg.model.preset"] == "tiny" and params["cfg.epochs"] == "2"
     assert len(params["dataset.sha256"]) == 64 and json.loads(params["dataset.shape"])[1:] == [32, 32]
     for key in ("train_loss", "val_loss", "lr", "test_network_amplitude_ssim", "test_refined_phase_ssim",
-                "test_refined_amplitude_frc_px", "test_network_phase_psnr"):
+                "test_refined_amplitude_frc_px", "test_network_phase_psnr", "test_flat30_amplitude_ssim",
+                "test_passes_saved", "test_time_saved_s", "test_time_fraction"):
         assert key in metrics, key
+    assert 0 <= metrics["test_passes_saved"] <= 30 and metrics["test_time_fraction"] > 0
+    warm = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="warm_start.json")).read_text())
+    assert [r["passes"] for r in warm["curve"]] == [0, 2, 5, 8, 10, 20, 30]
+    (logged,) = client.search_logged_models(experiment_ids=[exp.experiment_id])
+    on_model = {m.key: m.value for m in logged.metrics}
+    assert on_model["test_passes_saved"] == metrics["test_passes_saved"]
+    assert on_model["test_refined_phase_ssim"] == metrics["test_refined_phase_ssim"]
     assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 2
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"reconstruction", "dataset.json"} <= artifacts

@@ -260,8 +260,11 @@ def reconstruct(bundle, model_uri, name, stage, alias, model_version, data, prod
 @click.option("--data", required=True, help="Scan with ground truth (objectGuess), e.g. the held-out test.npz.")
 @click.option("--refine-steps", default=None, type=int, help="When reconstructing with a model: refinement passes.")
 @click.option("--json", "json_out", default=None, help="Write the metrics as JSON here.")
+@click.option("--warm-start", is_flag=True,
+              help="With a model: also measure network start + K passes against flat start + 30 (passes and time saved).")
 @_mlflow_option
-def evaluate(recon, bundle, model_uri, name, stage, alias, model_version, data, refine_steps, json_out, track):
+def evaluate(recon, bundle, model_uri, name, stage, alias, model_version, data, refine_steps, json_out, warm_start,
+             track):
     """SSIM, PSNR, MAE and FRC (amplitude and phase) of a reconstruction against ground truth."""
     from ptycho_ml.inference.evaluate import evaluate_against_truth
 
@@ -272,6 +275,16 @@ def evaluate(recon, bundle, model_uri, name, stage, alias, model_version, data, 
             raise PtychoInputError("nothing to evaluate: expected --reconstruction object.h5, --bundle PATH or --model URI")
         model, source = _load_model(bundle, model_uri, name, stage, alias, model_version)
     table, metrics = evaluate_against_truth(data, reconstruction=recon, model=model, refine_steps=refine_steps)
+    if warm_start:
+        if model is None:
+            raise PtychoInputError("--warm-start: found --reconstruction, expected a model (--bundle or --model) to start from")
+        from ptycho_ml.data.readers import load_scan
+        from ptycho_ml.inference.evaluate import format_warm_start
+        from ptycho_ml.inference.evaluate import warm_start as measure_warm_start
+
+        ws = measure_warm_start(model, load_scan(data))
+        metrics.update(ws.figures())
+        table += "\nwarm start:\n" + format_warm_start(ws)
     if track:
         from ptycho_ml.lifecycle.tracking import log_evaluation
 

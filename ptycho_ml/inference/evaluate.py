@@ -2,12 +2,19 @@
 
 :func:`evaluate_model` is the one place a model is scored on a scan with
 ground truth; ``ptycho-ml evaluate`` and every training run's held-out
-evaluation use it.
+evaluation use it. :func:`warm_start` measures what the network is worth to
+the refinement: how many passes started from the network reach what a flat
+start reaches in :data:`FLAT_PASSES`, and how much wall time that saves.
 """
 
 from __future__ import annotations
 
+import math
+import time
+from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 from ptycho_ml.config import InferenceConfig
 from ptycho_ml.data.object_h5 import read_object_h5
@@ -15,8 +22,18 @@ from ptycho_ml.data.readers import load_scan
 from ptycho_ml.data.scan import ScanData
 from ptycho_ml.errors import field_error
 from ptycho_ml.inference import metrics as metrics_mod
-from ptycho_ml.inference.reconstruct import ReconstructionResult, reconstruct
+from ptycho_ml import config as limits
+from ptycho_ml.inference.reconstruct import (ReconstructionResult, check_compatible, inference_probe, network_object,
+                                             reconstruct)
 from ptycho_ml.model.network import DiffractionToObject
+from ptycho_ml.physics.refine import refine_object
+
+#: Passes of a flat-start refinement that define the reference a warm start must reach.
+FLAT_PASSES = 30
+#: Passes of a network-started refinement tried, in increasing order.
+WARM_START_PASSES = (0, 2, 5, 8, 10, 20, 30)
+#: SSIM shortfall (amplitude and phase) still counted as reaching the flat-start reference.
+WARM_START_TOLERANCE = 0.005
 
 
 def evaluate_model(model: DiffractionToObject, scan: ScanData, refine_steps: int | None = None,
@@ -62,3 +79,95 @@ def evaluate_against_truth(data: str, reconstruction: str | None = None, model: 
         raise field_error(reconstruction, "object", f"shape {obj.shape}", f"{scan.obj.shape} like the ground truth in {scan.source}")
     metrics = metrics_mod.evaluate_object(obj, scan.obj, scan.positions_px, scan.N, scan.probe)
     return metrics_mod.format_table(metrics), metrics
+
+
+@dataclass
+class WarmStart:
+    """A network start against a flat start, on one scan with ground truth.
+
+    ``curve``: one row per tried pass count K, ``{"passes", "amplitude_ssim",
+    "phase_ssim", "seconds"}`` (seconds include the start's own time).
+    ``passes_needed``: the fewest K whose SSIMs reach the flat-start
+    reference within ``tolerance``; None when no tried K does.
+    """
+
+    flat_passes: int
+    flat_amplitude_ssim: float
+    flat_phase_ssim: float
+    flat_s: float
+    start_s: float
+    tolerance: float
+    curve: list[dict[str, float]] = field(default_factory=list)
+    passes_needed: int | None = None
+
+    def figures(self) -> dict[str, float]:
+        """Flat MLflow-ready metrics: ``flat30_*_ssim``, ``passes_needed`` (NaN if never reached),
+        ``passes_saved`` (flat passes minus passes needed, 0 if never reached), ``time_saved_s`` and
+        ``time_fraction`` (start + K* passes over flat + 30 passes, K* = passes needed, else the last K)."""
+        row = next((r for r in self.curve if r["passes"] == self.passes_needed), self.curve[-1])
+        return {f"flat{self.flat_passes}_amplitude_ssim": self.flat_amplitude_ssim,
+                f"flat{self.flat_passes}_phase_ssim": self.flat_phase_ssim,
+                "passes_needed": math.nan if self.passes_needed is None else float(self.passes_needed),
+                "passes_saved": 0.0 if self.passes_needed is None else float(self.flat_passes - self.passes_needed),
+                "time_saved_s": self.flat_s - row["seconds"],
+                "time_fraction": row["seconds"] / self.flat_s if self.flat_s > 0 else math.nan}
+
+
+def warm_start_curve(scan: ScanData, probe: torch.Tensor, start_obj: torch.Tensor, start_s: float,
+                     flat_passes: int = FLAT_PASSES, passes: tuple[int, ...] = WARM_START_PASSES,
+                     tolerance: float = WARM_START_TOLERANCE) -> WarmStart:
+    """Refine ``start_obj (H, W) complex64`` for each K in ``passes`` and a flat object for ``flat_passes``.
+
+    Each refinement runs on its own (the step schedule depends on the pass
+    count), with the same seed, probe ``(N, N)``/``(K, N, N)`` complex64 and data,
+    timed in this process. ``start_s`` is what the start cost (the network's time).
+    """
+    if scan.obj is None:
+        raise field_error(scan.source, "objectGuess", "missing", "a ground-truth object to measure the warm start against")
+    amplitudes = None
+    if len(scan) * scan.N * scan.N <= limits.REFINE_IN_MEMORY_MAX_VALUES:  # read once for every run
+        amplitudes = torch.from_numpy(scan.amplitude(slice(0, len(scan))))
+
+    def ssims(obj: torch.Tensor) -> tuple[float, float]:
+        m = metrics_mod.evaluate_object(obj.numpy(), scan.obj, scan.positions_px, scan.N, scan.probe)
+        return float(m["amplitude_ssim"]), float(m["phase_ssim"])
+
+    t0 = time.perf_counter()
+    flat = refine_object(torch.ones(scan.obj_shape, dtype=torch.complex64), scan, probe, flat_passes,
+                         amplitudes=amplitudes).obj
+    flat_s = time.perf_counter() - t0
+    flat_amp, flat_phase = ssims(flat)
+    result = WarmStart(flat_passes, flat_amp, flat_phase, flat_s, start_s, tolerance)
+    for k in sorted(passes):
+        t0 = time.perf_counter()
+        obj = refine_object(start_obj, scan, probe, k, amplitudes=amplitudes).obj
+        seconds = start_s + time.perf_counter() - t0
+        amp, phase = ssims(obj)
+        result.curve.append({"passes": float(k), "amplitude_ssim": amp, "phase_ssim": phase, "seconds": seconds})
+        if result.passes_needed is None and amp >= flat_amp - tolerance and phase >= flat_phase - tolerance:
+            result.passes_needed = k
+    return result
+
+
+def warm_start(model: DiffractionToObject, scan: ScanData, flat_passes: int = FLAT_PASSES,
+               passes: tuple[int, ...] = WARM_START_PASSES, tolerance: float = WARM_START_TOLERANCE) -> WarmStart:
+    """:func:`warm_start_curve` started from the model's stitched reconstruction (its time counts)."""
+    check_compatible(model, scan)
+    probe = inference_probe(model, scan)
+    t0 = time.perf_counter()
+    start, _ = network_object(model.eval(), scan, probe=probe)
+    return warm_start_curve(scan, probe, start, time.perf_counter() - t0, flat_passes, passes, tolerance)
+
+
+def format_warm_start(ws: WarmStart) -> str:
+    """A table: passes, SSIMs and seconds of the network start, against the flat-start reference."""
+    lines = [f"flat start + {ws.flat_passes} passes: amplitude {ws.flat_amplitude_ssim:.4f}, "
+             f"phase {ws.flat_phase_ssim:.4f} SSIM, {ws.flat_s:.2f} s",
+             f"{'network + K':>12} {'amp SSIM':>9} {'phase SSIM':>11} {'seconds':>8}"]
+    lines += [f"{int(r['passes']):>12} {r['amplitude_ssim']:>9.4f} {r['phase_ssim']:>11.4f} {r['seconds']:>8.2f}"
+              for r in ws.curve]
+    f = ws.figures()
+    needed = "not within the tried passes" if ws.passes_needed is None else f"{ws.passes_needed}"
+    lines.append(f"passes needed to reach flat + {ws.flat_passes} (within {ws.tolerance:g} SSIM): {needed}; "
+                 f"passes saved {f['passes_saved']:.0f}; time fraction {f['time_fraction']:.2f}")
+    return "\n".join(lines)

@@ -89,12 +89,15 @@ def train_tracked(config: TrainingConfig, register_as: str | None) -> tuple[Trai
                            "dataset.source": result.dataset["source"],
                            "model.n_parameters": str(result.model_summary["n_parameters"])})
         mlflow.log_dict(result.dataset, "dataset.json")
-        mlflow.log_metrics({"flops_per_pattern": result.model_summary["flops_per_pattern"],
-                            "train_time_s": result.elapsed_s, **result.metrics})
         if result.test_reconstruction is not None:
             log_previews(result.test_reconstruction.network_obj, result.test_scan, "reconstruction/network", "network")
             log_previews(result.test_reconstruction.obj, result.test_scan, "reconstruction/refined", "refined")
+        if result.warm_start is not None:
+            mlflow.log_dict(result.warm_start.__dict__, "warm_start.json")
         info = flavor.log_model(result.bundle_path, name="model", registered_model_name=register_as or None)
+        # Logged after the model, linked to it: the run and the logged model's page both show them.
+        mlflow.log_metrics({"flops_per_pattern": result.model_summary["flops_per_pattern"],
+                            "train_time_s": result.elapsed_s, **result.metrics}, model_id=info.model_id)
         return result, info, run.info.run_id
 
 

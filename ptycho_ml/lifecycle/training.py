@@ -24,7 +24,7 @@ from ptycho_ml.config import InferenceConfig, TrainingConfig
 from ptycho_ml.data.readers import load_scan
 from ptycho_ml.data.scan import ScanData, dataset_fingerprint
 from ptycho_ml.errors import PtychoInputError
-from ptycho_ml.inference.evaluate import evaluate_model
+from ptycho_ml.inference.evaluate import WarmStart, evaluate_model, warm_start
 from ptycho_ml.inference.reconstruct import ReconstructionResult, network_object, reconstruct
 from ptycho_ml.model.bundle_io import save_model_bundle
 from ptycho_ml.model.network import DiffractionToObject, count_parameters, flops_per_pattern
@@ -49,6 +49,7 @@ class TrainResult:
     test_reconstruction: ReconstructionResult | None = None
     model_summary: dict[str, float] = field(default_factory=dict)
     is_global_zero: bool = True
+    warm_start: WarmStart | None = None  # network start vs flat start on the held-out scan
 
 
 def default_data(output_dir: Path, N: int = 64, seed: int = 0) -> tuple[str, str]:
@@ -106,7 +107,10 @@ def train(config: TrainingConfig, loggers: list[Any] | None = None, preview_sink
     ``{output_dir}/logs``). ``preview_sink`` receives a network
     reconstruction of the held-out scan every ``preview_every_n_epochs``.
     The held-out scan is then scored, network alone and refined
-    (``test_network_*``, ``test_refined_*``), and the figures go into the bundle.
+    (``test_network_*``, ``test_refined_*``), the warm start is measured
+    (``test_passes_needed``, ``test_passes_saved``, ``test_time_saved_s``,
+    ``test_time_fraction`` against ``test_flat30_*``; skipped when
+    ``evaluate_refine_steps`` is 0), and the figures go into the bundle.
     """
     t_start = time.perf_counter()
     Path(config.output_dir).mkdir(parents=True, exist_ok=True)
@@ -128,17 +132,24 @@ def train(config: TrainingConfig, loggers: list[Any] | None = None, preview_sink
     summary = {"n_parameters": count_parameters(model.generator), "flops_per_pattern": flops_per_pattern(model)}
     result_metrics: dict[str, float] = {}
     test_recon = None
+    warm = None
     if test_scan is not None and test_scan.obj is not None:
         test_recon, scores, _ = evaluate_model(model, test_scan, evaluate_refine_steps, progress=not config.quiet,
                                                threads=threads)
         result_metrics = {f"test_{k}": v for k, v in scores.items()}
+        if evaluate_refine_steps is None or evaluate_refine_steps > 0:  # what the network saves the refinement
+            warm = warm_start(model, test_scan)
+            result_metrics.update({f"test_{k}": v for k, v in warm.figures().items()})
     elif test_scan is not None:  # no ground truth: reconstruct for the previews only
         steps = InferenceConfig().refine_steps if evaluate_refine_steps is None else evaluate_refine_steps
         test_recon = reconstruct(model, test_scan, InferenceConfig(refine_steps=steps, progress=not config.quiet,
                                                                    threads=threads))
     extra = {"metrics": result_metrics, "best_val_loss": fitted.best_val_loss, "dataset": fingerprint,
              "model_summary": summary}
+    if warm is not None:
+        extra["warm_start"] = {"flat_passes": warm.flat_passes, "tolerance": warm.tolerance, "curve": warm.curve}
     bundle_path = save_model_bundle(model, Path(config.output_dir) / "wts.h5.zip",
                                     config={"training": config.to_dict()}, extra=extra)
     return TrainResult(bundle_path, model, fitted.history, result_metrics, fitted.amplitude_scale, fitted.n_train,
-                       fitted.n_val, time.perf_counter() - t_start, fingerprint, test_scan, test_recon, summary)
+                       fitted.n_val, time.perf_counter() - t_start, fingerprint, test_scan, test_recon, summary,
+                       warm_start=warm)
