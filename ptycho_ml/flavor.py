@@ -125,7 +125,7 @@ def save_model(model, path, conda_env=None, code_paths=None, mlflow_model=None, 
     mlflow_model.signature = signature or model_signature(model.cfg.N)
     if metadata is not None:
         mlflow_model.metadata = metadata
-    from ptycho_ml import __version__
+    from ptycho_ml.version import __version__
 
     pyfunc.add_to_model(mlflow_model, loader_module="ptycho_ml.flavor", data=_DATA_SUBPATH,
                         code=code_dir_subpath, conda_env=_CONDA_ENV_FILE_NAME, python_env=_PYTHON_ENV_FILE_NAME)

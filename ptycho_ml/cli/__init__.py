@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from ptycho_ml import __version__
+from ptycho_ml.version import __version__
 from ptycho_ml.errors import PtychoInputError
 
 _DEBUG = {"on": False}

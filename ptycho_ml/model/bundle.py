@@ -37,7 +37,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ptycho_ml import __version__
+from ptycho_ml.version import __version__
 from ptycho_ml.data.atomic import atomic_path, zip_entry
 from ptycho_ml.errors import PtychoInputError, field_error
 
