@@ -113,39 +113,56 @@ class WarmStart:
                 "time_fraction": row["seconds"] / self.flat_s if self.flat_s > 0 else math.nan}
 
 
-def warm_start_curve(scan: ScanData, probe: torch.Tensor, start_obj: torch.Tensor, start_s: float,
-                     flat_passes: int = FLAT_PASSES, passes: tuple[int, ...] = WARM_START_PASSES,
-                     tolerance: float = WARM_START_TOLERANCE) -> WarmStart:
-    """Refine ``start_obj (H, W) complex64`` for each K in ``passes`` and a flat object for ``flat_passes``.
+def _in_memory(scan: ScanData) -> torch.Tensor | None:
+    """The scan's amplitudes ``(M, N, N) float32`` when small enough to read once for several refinements."""
+    if len(scan) * scan.N * scan.N <= limits.REFINE_IN_MEMORY_MAX_VALUES:
+        return torch.from_numpy(scan.amplitude(slice(0, len(scan))))
+    return None
 
-    Each refinement runs on its own (the step schedule depends on the pass
-    count), with the same seed, probe ``(N, N)``/``(K, N, N)`` complex64 and data,
-    timed in this process. ``start_s`` is what the start cost (the network's time).
+
+def refine_curve(scan: ScanData, probe: torch.Tensor, start_obj: torch.Tensor, start_s: float,
+                 passes: tuple[int, ...], amplitudes: torch.Tensor | None = None) -> list[dict[str, float]]:
+    """Refine ``start_obj (H, W) complex64`` for each K in ``passes`` (each run on its own: the step
+    schedule depends on K) and score it against the scan's ground truth.
+
+    Returns one row per K, in increasing order: ``{"passes", "amplitude_ssim", "phase_ssim",
+    "amplitude_psnr", "phase_psnr", "amplitude_frc_px", "phase_frc_px", "seconds"}``; seconds include
+    ``start_s``, what the start itself cost.
     """
     if scan.obj is None:
         raise field_error(scan.source, "objectGuess", "missing", "a ground-truth object to measure the warm start against")
-    amplitudes = None
-    if len(scan) * scan.N * scan.N <= limits.REFINE_IN_MEMORY_MAX_VALUES:  # read once for every run
-        amplitudes = torch.from_numpy(scan.amplitude(slice(0, len(scan))))
-
-    def ssims(obj: torch.Tensor) -> tuple[float, float]:
-        m = metrics_mod.evaluate_object(obj.numpy(), scan.obj, scan.positions_px, scan.N, scan.probe)
-        return float(m["amplitude_ssim"]), float(m["phase_ssim"])
-
-    t0 = time.perf_counter()
-    flat = refine_object(torch.ones(scan.obj_shape, dtype=torch.complex64), scan, probe, flat_passes,
-                         amplitudes=amplitudes).obj
-    flat_s = time.perf_counter() - t0
-    flat_amp, flat_phase = ssims(flat)
-    result = WarmStart(flat_passes, flat_amp, flat_phase, flat_s, start_s, tolerance)
+    amplitudes = _in_memory(scan) if amplitudes is None else amplitudes
+    rows = []
     for k in sorted(passes):
         t0 = time.perf_counter()
         obj = refine_object(start_obj, scan, probe, k, amplitudes=amplitudes).obj
         seconds = start_s + time.perf_counter() - t0
-        amp, phase = ssims(obj)
-        result.curve.append({"passes": float(k), "amplitude_ssim": amp, "phase_ssim": phase, "seconds": seconds})
-        if result.passes_needed is None and amp >= flat_amp - tolerance and phase >= flat_phase - tolerance:
-            result.passes_needed = k
+        m = metrics_mod.evaluate_object(obj.numpy(), scan.obj, scan.positions_px, scan.N, scan.probe)
+        rows.append({"passes": float(k), **{key: float(m[key]) for key in (
+            "amplitude_ssim", "phase_ssim", "amplitude_psnr", "phase_psnr", "amplitude_frc_px", "phase_frc_px")},
+            "seconds": seconds})
+    return rows
+
+
+def warm_start_curve(scan: ScanData, probe: torch.Tensor, start_obj: torch.Tensor, start_s: float,
+                     flat_passes: int = FLAT_PASSES, passes: tuple[int, ...] = WARM_START_PASSES,
+                     tolerance: float = WARM_START_TOLERANCE) -> WarmStart:
+    """:func:`refine_curve` of ``start_obj`` against a flat object refined for ``flat_passes``.
+
+    Same seed, probe ``(N, N)``/``(K, N, N)`` complex64 and data for every run,
+    timed in this process. ``start_s`` is what the start cost (the network's time).
+    """
+    amplitudes = _in_memory(scan) if scan.obj is not None else None
+    flat = torch.ones(scan.obj_shape, dtype=torch.complex64)
+    (reference,) = refine_curve(scan, probe, flat, 0.0, (flat_passes,), amplitudes)
+    result = WarmStart(flat_passes, reference["amplitude_ssim"], reference["phase_ssim"], reference["seconds"],
+                       start_s, tolerance)
+    result.curve = refine_curve(scan, probe, start_obj, start_s, passes, amplitudes)
+    for row in result.curve:
+        if row["amplitude_ssim"] >= result.flat_amplitude_ssim - tolerance and \
+                row["phase_ssim"] >= result.flat_phase_ssim - tolerance:
+            result.passes_needed = int(row["passes"])
+            break
     return result
 
 
