@@ -211,7 +211,13 @@ def make_scan(spec: SuiteScan, path: Path) -> Path:
 # ----------------------------------------------------------------------------- one scan
 
 
-def run_ptychi(data: Path, out: Path, epochs: int) -> tuple[np.ndarray, float]:
+def run_ptychi(data: Path, out: Path, epochs: int, reuse: bool = False) -> tuple[np.ndarray, float]:
+    """pty-chi LSQ-ML on ``data`` (one thread); ``reuse``: take an earlier result of the same scan and epochs."""
+    if reuse and out.is_file() and data.stat().st_mtime <= out.stat().st_mtime:
+        with np.load(out) as f:
+            if int(f["epochs"]) == epochs:
+                print(f"reusing {out} (pty-chi, {epochs} epochs, {float(f['wall_s']):.1f} s)", flush=True)
+                return f["obj"], float(f["wall_s"])
     cmd = [sys.executable, str(HERE / "ptychi_baseline.py"), "--data", str(data), "--out", str(out),
            "--algorithm", "lsqml", "--epochs", str(epochs), "--threads", "1", "--quiet"]
     print("$", " ".join(cmd), flush=True)
@@ -221,7 +227,7 @@ def run_ptychi(data: Path, out: Path, epochs: int) -> tuple[np.ndarray, float]:
 
 
 def evaluate_scan(model, spec: SuiteScan, path: Path, passes: tuple[int, ...], ptychi_epochs: int | None,
-                  workdir: Path) -> dict:
+                  workdir: Path, reuse_ptychi: bool = False) -> dict:
     """Network alone, network + K, flat + K and (optionally) pty-chi on one scan; one thread, one after the other."""
     scan = load_scan(path)
     probe = inference_probe(model, scan)
@@ -232,7 +238,7 @@ def evaluate_scan(model, spec: SuiteScan, path: Path, passes: tuple[int, ...], p
               "network": refine_curve(scan, probe, start, network_s, passes),
               "flat": refine_curve(scan, probe, torch.ones(scan.obj_shape, dtype=torch.complex64), 0.0, passes)}
     if ptychi_epochs:
-        obj, wall_s = run_ptychi(path, workdir / f"{spec.name}.ptychi.npz", ptychi_epochs)
+        obj, wall_s = run_ptychi(path, workdir / f"{spec.name}.ptychi.npz", ptychi_epochs, reuse_ptychi)
         m = metrics.evaluate_object(obj, scan.obj, scan.positions_px, scan.N, scan.probe)
         result["ptychi"] = {"epochs": ptychi_epochs, "seconds": wall_s, **{k: float(v) for k, v in m.items()}}
     return result
@@ -289,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--passes", default="0,2,5,10,30", help="refinement passes K to try")
     ap.add_argument("--ptychi-epochs", type=int, default=200)
     ap.add_argument("--no-ptychi", action="store_true")
+    ap.add_argument("--reuse-ptychi", action="store_true",
+                    help="reuse pty-chi results already in --out for the same scan and epochs (the scans are seeded)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--list", action="store_true", help="list the scans and exit")
     args = ap.parse_args(argv)
@@ -316,9 +324,12 @@ def main(argv: list[str] | None = None) -> int:
         if spec.N != model.cfg.N:
             print(f"skip {spec.name}: N = {spec.N}, the model's is {model.cfg.N} (train one at N = {spec.N})")
             continue
-        path = make_scan(spec, args.out / f"{spec.name}.npz")
+        path = args.out / f"{spec.name}.npz"
+        if not (args.reuse_ptychi and path.is_file()):  # the same seed gives the same bytes
+            make_scan(spec, path)
         print(f"{spec.name}: {path}", flush=True)
-        res = evaluate_scan(model, spec, path, passes, None if args.no_ptychi else args.ptychi_epochs, args.out)
+        res = evaluate_scan(model, spec, path, passes, None if args.no_ptychi else args.ptychi_epochs, args.out,
+                            args.reuse_ptychi)
         plot(res, args.out / f"{spec.name}.png")
         results.append(res)
         (args.out / "suite.json").write_text(json.dumps({"bundle": str(args.bundle), "results": results}, indent=2))

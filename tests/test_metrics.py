@@ -168,3 +168,26 @@ def test_centres_box_matches_the_probe_free_scanned_region():
     rng = np.random.default_rng(3)
     pos = rng.uniform(20, 80, size=(50, 2))
     assert centres_box(pos, (100, 120)) == region_box(scanned_region(pos, 16, (100, 120)))
+
+
+def test_region_box_is_the_largest_rectangle_inside_ragged_masks():
+    """Against brute force on small random masks: holes and ragged edges cannot shrink the box away."""
+    rng = np.random.default_rng(3)
+    for _ in range(60):
+        mask = rng.random((9, 8)) < 0.75
+        if not mask.any():
+            continue
+        rows, cols = M.region_box(mask)
+        assert mask[rows, cols].all()
+        best = max((r1 - r0) * (c1 - c0) for r0 in range(9) for r1 in range(r0 + 1, 10)
+                   for c0 in range(8) for c1 in range(c0 + 1, 9) if mask[r0:r1, c0:c1].all())
+        assert (rows.stop - rows.start) * (cols.stop - cols.start) == best
+
+
+def test_region_box_of_a_huge_mask_is_searched_coarsely_and_stays_inside():
+    yy, xx = np.mgrid[:1500, :1400]
+    mask = ((yy - 700) / 650) ** 2 + ((xx - 720) / 600) ** 2 < 1
+    mask[700, 100:1300:7] = False  # a dotted line of holes
+    rows, cols = M.region_box(mask)
+    assert mask[rows, cols].all()
+    assert (rows.stop - rows.start) * (cols.stop - cols.start) > 0.25 * mask.sum()

@@ -124,48 +124,58 @@ def scanned_region(positions_px: np.ndarray, N: int, obj_shape: tuple[int, int],
     return coverage > threshold * peak
 
 
-def region_box(mask: np.ndarray) -> tuple[slice, slice]:
-    """A rectangle ``(rows, cols)`` of slices lying entirely inside ``mask``.
+#: Masks with more rows or columns than this are coarsened (a block counts only if all of it is True)
+#: before the search, so the box stays inside the mask and the search stays fast for huge objects.
+_BOX_SEARCH_MAX_SIDE = 512
 
-    mask: ``(H, W)`` bool. Starts from the bounding box of the mask and
-    greedily drops the edge row/column with the largest fraction of False
-    pixels until the box holds no False pixel (O(1) per step via an integral
-    image). For a convex region (a raster or spiral scan) this is close to the
-    largest inscribed rectangle. An all-False mask is an error.
+
+def _largest_rectangle(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """``(r0, r1, c0, c1)`` of the largest all-True axis-aligned rectangle of ``mask (H, W) bool``.
+
+    The classic row-by-row histogram method: ``heights[c]`` counts the True
+    pixels ending at the current row in column c, and the largest rectangle
+    under that histogram is found with a stack. O(H W).
+    """
+    H, W = mask.shape
+    heights = np.zeros(W + 1, dtype=np.int64)  # a zero sentinel column flushes the stack
+    best, box = 0, (0, 1, 0, 1)
+    for r in range(H):
+        heights[:W] = np.where(mask[r], heights[:W] + 1, 0)
+        stack: list[int] = []
+        for c in range(W + 1):
+            h = int(heights[c])
+            while stack and heights[stack[-1]] >= h:
+                height = int(heights[stack.pop()])
+                left = stack[-1] + 1 if stack else 0
+                if height * (c - left) > best:
+                    best, box = height * (c - left), (r - height + 1, r + 1, left, c)
+            stack.append(c)
+    return box
+
+
+def region_box(mask: np.ndarray) -> tuple[slice, slice]:
+    """The largest rectangle ``(rows, cols)`` of slices lying entirely inside ``mask``.
+
+    mask: ``(H, W)`` bool. Exact for masks up to 512 pixels a side; larger
+    masks are searched on a coarser grid of whole blocks (a block counts only
+    when all of its pixels are True), so the box is still entirely inside the
+    mask and at most a block short of the largest on each side. Holes and
+    ragged edges (a speckled probe's footprint) cannot shrink the box away, as
+    a greedy edge-trimming search could. An all-False mask is an error.
     """
     mask = np.asarray(mask, dtype=bool)
     if mask.ndim != 2:
         raise PtychoInputError(f"metrics: mask: found shape {mask.shape}, expected (H, W)")
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    if rows.size == 0:
+    if not mask.any():
         raise PtychoInputError("metrics: mask: found no True pixel, expected a non-empty region")
-    # Integral image of False pixels: bad(r0, r1, c0, c1) counts in [r0, r1) x [c0, c1).
-    S = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=np.int64)
-    S[1:, 1:] = np.cumsum(np.cumsum(~mask, axis=0), axis=1)
-
-    def bad(r0, r1, c0, c1):
-        return int(S[r1, c1] - S[r0, c1] - S[r1, c0] + S[r0, c0])
-
-    r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-    while bad(r0, r1, c0, c1) > 0:
-        h, w = r1 - r0, c1 - c0
-        options = []  # (fraction of False, edge)
-        if h > 1:
-            options += [(bad(r0, r0 + 1, c0, c1) / w, "top"), (bad(r1 - 1, r1, c0, c1) / w, "bottom")]
-        if w > 1:
-            options += [(bad(r0, r1, c0, c0 + 1) / h, "left"), (bad(r0, r1, c1 - 1, c1) / h, "right")]
-        if not options:  # a single False pixel: fall back to one True pixel
-            r, c = np.argwhere(mask)[0]
-            return slice(int(r), int(r) + 1), slice(int(c), int(c) + 1)
-        edge = max(options, key=lambda o: o[0])[1]
-        if edge == "top":
-            r0 += 1
-        elif edge == "bottom":
-            r1 -= 1
-        elif edge == "left":
-            c0 += 1
-        else:
-            c1 -= 1
+    block = max(1, int(np.ceil(max(mask.shape) / _BOX_SEARCH_MAX_SIDE)))
+    if block > 1:
+        H, W = (s // block * block for s in mask.shape)
+        coarse = mask[:H, :W].reshape(H // block, block, W // block, block).all(axis=(1, 3))
+        if coarse.any():
+            r0, r1, c0, c1 = (v * block for v in _largest_rectangle(coarse))
+            return slice(r0, r1), slice(c0, c1)
+    r0, r1, c0, c1 = _largest_rectangle(mask)
     return slice(r0, r1), slice(c0, c1)
 
 
