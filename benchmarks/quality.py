@@ -65,7 +65,16 @@ def row(name: str, m: dict[str, float], seconds: float, ref_seconds: float | Non
     return {"method": name, "seconds": seconds, "vs_ptychi_time": (seconds / ref_seconds) if ref_seconds else None, **m}
 
 
-def run_ptychi(data: Path, out: Path, epochs: int) -> tuple[np.ndarray, float]:
+def run_ptychi(data: Path, out: Path, epochs: int, reuse: bool = False) -> tuple[np.ndarray, float]:
+    """pty-chi LSQ-ML on ``data``, one thread, in its own venv (``ptychi_baseline.py``): ``(obj, wall_s)``.
+
+    ``reuse``: take an earlier result at ``out`` of the same (unchanged) scan and epochs instead.
+    """
+    if reuse and out.is_file() and data.stat().st_mtime <= out.stat().st_mtime:
+        with np.load(out) as f:
+            if int(f["epochs"]) == epochs:
+                print(f"reusing {out} (pty-chi, {epochs} epochs, {float(f['wall_s']):.1f} s)", flush=True)
+                return f["obj"], float(f["wall_s"])
     cmd = [sys.executable, str(HERE / "ptychi_baseline.py"), "--data", str(data), "--out", str(out),
            "--algorithm", "lsqml", "--epochs", str(epochs), "--threads", "1", "--quiet"]
     print("$", " ".join(cmd), flush=True)

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -53,6 +52,8 @@ from ptycho_ml.model.bundle_io import load_model_bundle
 from ptycho_ml.physics import simulate
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from quality import run_ptychi  # noqa: E402  (the benchmarks share one way of running pty-chi)
 OBJECTS = ("photo-camera", "photo-astronaut", "photo-coins", "text", "chip", "siemens")
 PROBES = ("training", "astigmatic", "gaussian", "speckle")
 
@@ -209,21 +210,6 @@ def make_scan(spec: SuiteScan, path: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------- one scan
-
-
-def run_ptychi(data: Path, out: Path, epochs: int, reuse: bool = False) -> tuple[np.ndarray, float]:
-    """pty-chi LSQ-ML on ``data`` (one thread); ``reuse``: take an earlier result of the same scan and epochs."""
-    if reuse and out.is_file() and data.stat().st_mtime <= out.stat().st_mtime:
-        with np.load(out) as f:
-            if int(f["epochs"]) == epochs:
-                print(f"reusing {out} (pty-chi, {epochs} epochs, {float(f['wall_s']):.1f} s)", flush=True)
-                return f["obj"], float(f["wall_s"])
-    cmd = [sys.executable, str(HERE / "ptychi_baseline.py"), "--data", str(data), "--out", str(out),
-           "--algorithm", "lsqml", "--epochs", str(epochs), "--threads", "1", "--quiet"]
-    print("$", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
-    with np.load(out) as f:
-        return f["obj"], float(f["wall_s"])
 
 
 def evaluate_scan(model, spec: SuiteScan, path: Path, passes: tuple[int, ...], ptychi_epochs: int | None,
