@@ -164,12 +164,17 @@ def _bundle_path(local_model_path: str) -> str:
     return os.path.join(local_model_path, conf["bundle"])
 
 
+def local_bundle(model_uri: str, dst_path: str | None = None) -> str:
+    """Download an MLflow model (any URI) and return the local path of its ``wts.h5.zip``."""
+    local = _download_artifact_from_uri(artifact_uri=model_uri, output_path=dst_path)
+    return _bundle_path(local)
+
+
 def load_model(model_uri: str, dst_path: str | None = None):
     """Load the native torch model (:class:`~ptycho_ml.model.network.DiffractionToObject`, eval mode) from any MLflow model URI."""
     from ptycho_ml.model.bundle_io import load_model_bundle
 
-    local = _download_artifact_from_uri(artifact_uri=model_uri, output_path=dst_path)
-    return load_model_bundle(_bundle_path(local))[0]
+    return load_model_bundle(local_bundle(model_uri, dst_path))[0]
 
 
 def _load_pyfunc(path: str, model_config: dict | None = None):

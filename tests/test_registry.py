@@ -394,3 +394,33 @@ def test_cli_promote_user_errors(make_model, args, match):
 def test_cli_models_unknown_name(logged):
     result = CliRunner().invoke(_cli(), ["models", "--name", "nope"])
     assert result.exit_code == 2 and "error: --name: found 'nope', which is not registered" in result.output
+
+
+def test_reconstruct_records_the_resolved_version_run_and_bundle_checksum(make_model, logged, tmp_path, tiny_test_npz):
+    """Outputs name what answered: the alias given, the version it resolved to, its run and the bundle sha256."""
+    import hashlib
+    import json
+
+    import h5py
+
+    from ptycho_ml.cli import main
+
+    name = make_model("good", "good2")
+    registry.promote(name, 2, alias="champion", policy=POLICY)
+    out = tmp_path / "recon"
+    result = CliRunner().invoke(main, ["reconstruct", "--model", f"models:/{name}@champion", "--data", str(tiny_test_npz),
+                                       "--out", str(out), "--refine-steps", "0", "--quiet"])
+    assert result.exit_code == 0, result.output
+    bundle = mlflow.artifacts.download_artifacts(f"models:/{name}/2") + "/data/wts.h5.zip"
+    sha = hashlib.sha256(open(bundle, "rb").read()).hexdigest()
+    expected = {"uri": f"models:/{name}@champion", "resolved_uri": f"models:/{name}/2", "name": name, "version": "2",
+                "run_id": logged["good2"]["run_id"], "bundle_sha256": sha}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["provenance"] == expected and summary["model"] == f"models:/{name}@champion"
+    with h5py.File(out / "object.h5") as h5:
+        assert json.loads(h5.attrs["provenance"]) == expected
+    with h5py.File(out / "product.h5") as h5:
+        assert json.dumps(expected, sort_keys=True) in h5.attrs["comments"]
+    # a stage resolves to its highest version; the version loaded is the one recorded
+    model, provenance = registry.load_model_with_provenance(f"models:/{name}/latest")
+    assert provenance["version"] == "2" and _same_weights(model, logged["good2"]["model"])

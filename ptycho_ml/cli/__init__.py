@@ -202,17 +202,15 @@ def _model_options(f):
 
 
 def _load_model(bundle, model_uri, name, stage, alias, model_version):
-    """Resolve the model source: a bundle path, or an MLflow model URI / registry selector."""
+    """``(model, provenance)`` from a bundle path, or an MLflow model URI / registry selector (resolved to its version)."""
     if bundle and (model_uri or stage or alias or model_version):
         raise PtychoInputError("--bundle: found together with --model/--stage/--alias/--version, expected one model source")
+    from ptycho_ml.lifecycle.registry import load_model_with_provenance, resolve_model_uri
+
     if bundle:
-        from ptycho_ml.model.bundle_io import load_model_bundle
-
-        return load_model_bundle(bundle)[0], bundle
-    from ptycho_ml.lifecycle.registry import load_native_model, resolve_model_uri
-
+        return load_model_with_provenance(bundle, is_bundle=True)
     uri = resolve_model_uri(model_uri, name=name, stage=stage, alias=alias, version=model_version)
-    return load_native_model(uri), uri
+    return load_model_with_provenance(uri)
 
 
 @main.command()
@@ -243,11 +241,15 @@ def reconstruct(bundle, model_uri, name, stage, alias, model_version, data, prod
                                                        "progress": not quiet}.items() if v is not None})
     scan = load_scan(data, product=product)
     model, source = _load_model(bundle, model_uri, name, stage, alias, model_version)
-    summary = run_reconstruction(model, scan, cfg, out_dir, model_source=source, with_metrics=metrics)
+    summary = run_reconstruction(model, scan, cfg, out_dir, provenance=source, with_metrics=metrics)
     if track:
         from ptycho_ml.lifecycle.tracking import log_reconstruction
 
-        log_reconstruction({"model": source, "data": data, "refine_steps": cfg.refine_steps}, summary, out_dir)
+        log_reconstruction({"model": source["uri"], "model_version": source["version"] or "", "data": data,
+                            "refine_steps": cfg.refine_steps}, summary, out_dir)
+    from ptycho_ml.lifecycle.registry import describe_provenance
+
+    click.echo(f"model: {describe_provenance(source)}")
     for line in summary["lines"]:
         click.echo(line)
 
@@ -288,7 +290,8 @@ def evaluate(recon, bundle, model_uri, name, stage, alias, model_version, data, 
     if track:
         from ptycho_ml.lifecycle.tracking import log_evaluation
 
-        log_evaluation({"model": source or "", "reconstruction": recon or "", "data": data,
+        log_evaluation({"model": source["uri"] if source else "", "model_version": (source or {}).get("version") or "",
+                        "reconstruction": recon or "", "data": data,
                         "refine_steps": "" if refine_steps is None else refine_steps}, metrics)
     click.echo(table)
     if json_out:

@@ -61,7 +61,7 @@ def write_previews(out_dir: str | Path, obj: np.ndarray, prefix: str = "", title
 
 
 def run_reconstruction(model: DiffractionToObject, scan: ScanData, cfg: InferenceConfig, out: str,
-                       model_source: str = "", with_metrics: bool = True) -> dict[str, Any]:
+                       provenance: dict[str, Any] | None = None, with_metrics: bool = True) -> dict[str, Any]:
     """Reconstruct ``scan`` and write to ``out`` (a directory or ``s3://`` prefix):
 
     * ``object.h5``: complex object, amplitude, phase, illumination;
@@ -70,22 +70,30 @@ def run_reconstruction(model: DiffractionToObject, scan: ScanData, cfg: Inferenc
     * ``summary.json``: timings, settings and, when the scan has ground truth
       (and ``with_metrics``), metrics.
 
+    ``provenance`` (from :func:`ptycho_ml.lifecycle.registry.load_model_with_provenance`:
+    the URI given, the registered name and resolved version, the run id, the
+    bundle's sha256) is recorded in object.h5, product.h5 and summary.json.
+
     Nothing is written (or uploaded) unless the reconstruction succeeded.
     """
     check_compatible(model, scan)  # refuse before the output directory is made
+    provenance = dict(provenance or {})
+    model_source = str(provenance.get("uri", ""))
     with OutputLocation(out) as loc:  # checks an S3 destination before the work, uploads after it
         result = reconstruct(model, scan, cfg)
-        summary: dict[str, Any] = {"source": scan.source, "model": model_source, "n_patterns": result.n_patterns,
-                                   "timings_s": result.timings_s, "inference": cfg.to_dict()}
+        summary: dict[str, Any] = {"source": scan.source, "model": model_source, "provenance": provenance,
+                                   "n_patterns": result.n_patterns, "timings_s": result.timings_s,
+                                   "inference": cfg.to_dict()}
         # Preview crop: the box the scan centres cover (cheap for any object size).
         region = centres_box(scan.positions_px, scan.obj_shape)
         if with_metrics and scan.obj is not None and scan.obj.shape == result.obj.shape:
             summary["metrics"] = metrics_mod.evaluate_object(result.obj, scan.obj, scan.positions_px, scan.N, scan.probe)
         write_object_h5(loc.path / "object.h5", result.obj, {"source": scan.source, "model": model_source,
+                                                              "provenance": provenance,
                                                               "refine_steps": cfg.refine_steps},
                         result.illumination)
         write_previews(loc.path, result.obj, title="reconstructed", region=region)
-        write_product_for(loc.path / "product.h5", scan, result, model)
+        write_product_for(loc.path / "product.h5", scan, result, provenance)
         (loc.path / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
         summary["lines"] = [loc.describe(n) for n in OUTPUT_FILES]
     t = result.timings_s
@@ -96,9 +104,13 @@ def run_reconstruction(model: DiffractionToObject, scan: ScanData, cfg: Inferenc
     return summary
 
 
-def write_product_for(path, scan: ScanData, result: ReconstructionResult, model: DiffractionToObject) -> None:
-    """Write the reconstruction as a ptychodus product.h5, geometry from the input (or stated defaults)."""
+def write_product_for(path, scan: ScanData, result: ReconstructionResult, provenance: dict[str, Any]) -> None:
+    """Write the reconstruction as a ptychodus product.h5, geometry from the input (or stated defaults).
+
+    Its ``comments`` name the scan and, as JSON, the model's provenance (ptychodus shows comments as they are).
+    """
     epochs = list(range(len(result.loss_history)))
+    comments = f"ptycho_ml reconstruction of {scan.source}; model: {json.dumps(provenance, sort_keys=True)}"
     write_product(path, obj=result.obj, probe=scan.probe, positions_px=scan.positions_px, position_indexes=None,
                   geometry=geometry_from_scan(scan), loss_epochs=epochs, loss_values=result.loss_history,
-                  name="ptycho_ml", comments=f"ptycho_ml reconstruction of {scan.source}")
+                  name="ptycho_ml", comments=comments)

@@ -11,6 +11,7 @@ in the MLflow UI takes effect on the next load with no other step.
 from __future__ import annotations
 
 import getpass
+import hashlib
 import math
 import os
 import re
@@ -143,34 +144,101 @@ def _is_local(uri: str) -> bool:
 def load_native_model(uri: str):
     """Load the native torch model (:class:`~ptycho_ml.model.network.DiffractionToObject`, eval mode).
 
-    A ``.zip`` bundle (local or ``s3://``), or a directory holding ``wts.h5.zip``
-    but no ``MLmodel``, is read directly; anything else goes through
-    :func:`ptycho_ml.flavor.load_model`, which resolves ``models:/`` URIs in the
-    registry now. A missing model, version, alias or stage holder is a one-line
+    See :func:`load_model_with_provenance`, which also says what was loaded.
+    """
+    return load_model_with_provenance(uri)[0]
+
+
+def _resolve_version(uri: str, parsed):
+    """The registered ``ModelVersion`` a ``models:/`` URI names now (alias, stage, version or latest).
+
+    A stage held by several versions resolves to the highest version number, as MLflow resolves it.
+    """
+    from mlflow.exceptions import MlflowException
+
+    client = _client()
+    try:
+        if parsed.alias is not None:
+            return client.get_model_version_by_alias(parsed.name, parsed.alias)
+        if parsed.version is not None:
+            return client.get_model_version(parsed.name, parsed.version)
+        versions = client.search_model_versions(f"name = '{parsed.name}'")
+    except MlflowException as exc:
+        raise PtychoInputError(_explain_load_failure(uri, exc)) from None
+    if parsed.stage is not None:
+        versions = [v for v in versions if v.current_stage == canonical_stage(parsed.stage, uri)]
+    if not versions:
+        raise PtychoInputError(_explain_load_failure(uri, MlflowException(f"no version of '{parsed.name}' matches")))
+    return max(versions, key=lambda v: int(v.version))
+
+
+def _sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_model_with_provenance(uri: str, is_bundle: bool = False):
+    """Load the native model and say exactly what was loaded: ``(model, provenance)``.
+
+    ``uri``: a bundle file (``is_bundle``, or a name ending ``.zip``; local or ``s3://``), a directory holding
+    ``wts.h5.zip`` but no ``MLmodel`` (read directly), an MLflow model
+    directory, ``runs:/``, or ``models:/name/Stage``, ``models:/name@alias``,
+    ``models:/name/N``. A registry URI is resolved to its version first and
+    that version is loaded, so a promotion in between cannot mix two models.
+    ``provenance``: ``uri`` (as given), ``resolved_uri``, ``name``, ``version``
+    and ``run_id`` (None where the source has none) and ``bundle_sha256``.
+    A missing model, version, alias or stage holder is a one-line
     :class:`PtychoInputError` naming the URI and what the registry holds.
     """
+    from ptycho_ml.data.storage import local_path
     from ptycho_ml.model.bundle_io import load_model_bundle
 
     uri = str(uri)
+    provenance: dict[str, str | None] = {"uri": uri, "resolved_uri": uri, "name": None, "version": None, "run_id": None}
+    bundle: str | Path | None = None
     if _is_local(uri):
         path = Path(uri)
         if not path.exists():
             raise PtychoInputError(f"{uri}: no such file or directory, expected a wts.h5.zip bundle, an MLflow model "
                                    "directory, or a models:/ or runs:/ URI")
         if path.is_dir() and not (path / "MLmodel").exists():
-            if (path / "wts.h5.zip").is_file():
-                return load_model_bundle(path / "wts.h5.zip")[0]
-            raise PtychoInputError(f"{uri}: directory has no MLmodel or wts.h5.zip, expected an MLflow model directory")
-    if uri.endswith(".zip"):
-        return load_model_bundle(uri)[0]
-    from mlflow.exceptions import MlflowException
+            if not (path / "wts.h5.zip").is_file():
+                raise PtychoInputError(f"{uri}: directory has no MLmodel or wts.h5.zip, expected an MLflow model directory")
+            bundle = path / "wts.h5.zip"
+    if bundle is None and (is_bundle or uri.endswith(".zip") or (_is_local(uri) and Path(uri).is_file())):
+        bundle = local_path(uri)
+    if bundle is None:
+        from mlflow.exceptions import MlflowException
 
-    from ptycho_ml import flavor
+        from ptycho_ml import flavor
 
-    try:
-        return flavor.load_model(uri)
-    except MlflowException as exc:
-        raise PtychoInputError(_explain_load_failure(uri, exc)) from exc
+        parsed = parse_models_uri(uri)
+        if parsed is not None and not parsed.model_id:
+            version = _resolve_version(uri, parsed)
+            provenance.update(name=version.name, version=str(version.version), run_id=version.run_id,
+                              resolved_uri=f"models:/{version.name}/{version.version}")
+        elif uri.startswith("runs:/"):
+            provenance["run_id"] = uri[len("runs:/"):].split("/", 1)[0]
+        try:
+            bundle = flavor.local_bundle(provenance["resolved_uri"])
+        except MlflowException as exc:
+            raise PtychoInputError(_explain_load_failure(uri, exc)) from exc
+    model = load_model_bundle(bundle)[0]
+    provenance["bundle_sha256"] = _sha256(bundle)
+    return model, provenance
+
+
+def describe_provenance(provenance: dict) -> str:
+    """``ptychopinn version 3 (run 1a2b..., bundle sha256 9f8e...)``, or the bundle path and its sha256."""
+    sha = (provenance.get("bundle_sha256") or "")[:12]
+    if provenance.get("version"):
+        return (f"{provenance['name']} version {provenance['version']} (run {provenance['run_id']}, "
+                f"bundle sha256 {sha}...) from {provenance['uri']}")
+    run = f"run {provenance['run_id']}, " if provenance.get("run_id") else ""
+    return f"{provenance['uri']} ({run}bundle sha256 {sha}...)"
 
 
 def _first_line(exc: BaseException) -> str:
