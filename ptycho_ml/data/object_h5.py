@@ -4,7 +4,8 @@ Datasets: ``object (H, W) complex64``, ``amplitude`` and ``phase``
 ``(H, W) float32`` (radians), optional ``illumination (H, W) float32``
 (summed probe intensity: how well each pixel was seen). Root attributes are
 JSON-safe values (dicts and lists stored as JSON strings): ``source``,
-``model``, ``refine_steps``.
+``model`` (the URI or path given), ``provenance`` (JSON: the resolved
+version, its run and the bundle sha256), ``refine_steps``.
 """
 
 from __future__ import annotations

@@ -22,9 +22,8 @@ from ptycho_ml.data.readers import load_scan
 from ptycho_ml.data.scan import ScanData
 from ptycho_ml.errors import field_error
 from ptycho_ml.inference import metrics as metrics_mod
-from ptycho_ml import config as limits
 from ptycho_ml.inference.reconstruct import (ReconstructionResult, check_compatible, inference_probe, network_object,
-                                             reconstruct)
+                                             reconstruct, refinement_amplitudes)
 from ptycho_ml.model.network import DiffractionToObject
 from ptycho_ml.physics.refine import refine_object
 
@@ -36,6 +35,11 @@ WARM_START_PASSES = (0, 2, 5, 8, 10, 20, 30)
 WARM_START_TOLERANCE = 0.005
 
 
+def _require_truth(scan: ScanData, purpose: str) -> None:
+    if scan.obj is None:
+        raise field_error(scan.source, "objectGuess", "missing", f"a ground-truth object to {purpose}")
+
+
 def evaluate_model(model: DiffractionToObject, scan: ScanData, refine_steps: int | None = None,
                    progress: bool = False, threads: int = 0) -> tuple[ReconstructionResult, dict[str, float], str]:
     """Reconstruct ``scan`` with ``model`` and score it against the scan's ground truth.
@@ -44,8 +48,7 @@ def evaluate_model(model: DiffractionToObject, scan: ScanData, refine_steps: int
     (the network alone) and, when ``refine_steps`` > 0 (default: the
     inference default), ``refined_*`` keys; ``table`` is the printable text.
     """
-    if scan.obj is None:
-        raise field_error(scan.source, "objectGuess", "missing", "a ground-truth object to evaluate against")
+    _require_truth(scan, "evaluate against")
     steps = InferenceConfig().refine_steps if refine_steps is None else refine_steps
     result = reconstruct(model, scan, InferenceConfig(refine_steps=steps, progress=progress, threads=threads))
     metrics: dict[str, float] = {}
@@ -69,8 +72,7 @@ def evaluate_against_truth(data: str, reconstruction: str | None = None, model: 
     and the refined reconstruction are scored (keys ``network_*``/``refined_*``).
     """
     scan = load_scan(data)
-    if scan.obj is None:
-        raise field_error(scan.source, "objectGuess", "missing", "a ground-truth object to evaluate against")
+    _require_truth(scan, "evaluate against")
     if not reconstruction:
         _, metrics, table = evaluate_model(model, scan, refine_steps)
         return table, metrics
@@ -113,13 +115,6 @@ class WarmStart:
                 "time_fraction": row["seconds"] / self.flat_s if self.flat_s > 0 else math.nan}
 
 
-def _in_memory(scan: ScanData) -> torch.Tensor | None:
-    """The scan's amplitudes ``(M, N, N) float32`` when small enough to read once for several refinements."""
-    if len(scan) * scan.N * scan.N <= limits.REFINE_IN_MEMORY_MAX_VALUES:
-        return torch.from_numpy(scan.amplitude(slice(0, len(scan))))
-    return None
-
-
 def refine_curve(scan: ScanData, probe: torch.Tensor, start_obj: torch.Tensor, start_s: float,
                  passes: tuple[int, ...], amplitudes: torch.Tensor | None = None) -> list[dict[str, float]]:
     """Refine ``start_obj (H, W) complex64`` for each K in ``passes`` (each run on its own: the step
@@ -129,9 +124,8 @@ def refine_curve(scan: ScanData, probe: torch.Tensor, start_obj: torch.Tensor, s
     "amplitude_psnr", "phase_psnr", "amplitude_frc_px", "phase_frc_px", "seconds"}``; seconds include
     ``start_s``, what the start itself cost.
     """
-    if scan.obj is None:
-        raise field_error(scan.source, "objectGuess", "missing", "a ground-truth object to measure the warm start against")
-    amplitudes = _in_memory(scan) if amplitudes is None else amplitudes
+    _require_truth(scan, "measure the warm start against")
+    amplitudes = refinement_amplitudes(scan) if amplitudes is None else amplitudes
     rows = []
     for k in sorted(passes):
         t0 = time.perf_counter()
@@ -152,7 +146,8 @@ def warm_start_curve(scan: ScanData, probe: torch.Tensor, start_obj: torch.Tenso
     Same seed, probe ``(N, N)``/``(K, N, N)`` complex64 and data for every run,
     timed in this process. ``start_s`` is what the start cost (the network's time).
     """
-    amplitudes = _in_memory(scan) if scan.obj is not None else None
+    _require_truth(scan, "measure the warm start against")
+    amplitudes = refinement_amplitudes(scan)  # read once for every run
     flat = torch.ones(scan.obj_shape, dtype=torch.complex64)
     (reference,) = refine_curve(scan, probe, flat, 0.0, (flat_passes,), amplitudes)
     result = WarmStart(flat_passes, reference["amplitude_ssim"], reference["phase_ssim"], reference["seconds"],
@@ -167,13 +162,22 @@ def warm_start_curve(scan: ScanData, probe: torch.Tensor, start_obj: torch.Tenso
 
 
 def warm_start(model: DiffractionToObject, scan: ScanData, flat_passes: int = FLAT_PASSES,
-               passes: tuple[int, ...] = WARM_START_PASSES, tolerance: float = WARM_START_TOLERANCE) -> WarmStart:
-    """:func:`warm_start_curve` started from the model's stitched reconstruction (its time counts)."""
+               passes: tuple[int, ...] = WARM_START_PASSES, tolerance: float = WARM_START_TOLERANCE,
+               network: ReconstructionResult | None = None) -> WarmStart:
+    """:func:`warm_start_curve` started from the model's stitched reconstruction (its time counts).
+
+    ``network``: a reconstruction of this scan by this model already made (e.g. by
+    :func:`evaluate_model`); its network object and time are the start, so the network is not run again.
+    """
     check_compatible(model, scan)
     probe = inference_probe(model, scan)
-    t0 = time.perf_counter()
-    start, _ = network_object(model.eval(), scan, probe=probe)
-    return warm_start_curve(scan, probe, start, time.perf_counter() - t0, flat_passes, passes, tolerance)
+    if network is not None:
+        start, start_s = torch.from_numpy(network.network_obj), network.timings_s["network_s"]
+    else:
+        t0 = time.perf_counter()
+        start, _ = network_object(model.eval(), scan, probe=probe)
+        start_s = time.perf_counter() - t0
+    return warm_start_curve(scan, probe, start, start_s, flat_passes, passes, tolerance)
 
 
 def format_warm_start(ws: WarmStart) -> str:

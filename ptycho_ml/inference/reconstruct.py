@@ -162,6 +162,14 @@ def finetune_on_scan(model: DiffractionToObject, scan: ScanData, epochs: int, ba
     return tuned.eval()
 
 
+def refinement_amplitudes(scan: ScanData) -> torch.Tensor | None:
+    """The scan's amplitudes ``(M, N, N) float32``, read once, when at most
+    :data:`~ptycho_ml.config.REFINE_IN_MEMORY_MAX_VALUES`; None (refinement reads each batch) above it."""
+    if len(scan) * scan.N * scan.N <= limits.REFINE_IN_MEMORY_MAX_VALUES:
+        return torch.from_numpy(scan.amplitude(slice(0, len(scan))))
+    return None
+
+
 def reconstruct(model: DiffractionToObject, scan: ScanData, cfg: InferenceConfig | None = None) -> ReconstructionResult:
     """Reconstruct the scan's object: network + stitching, then the configured refinement."""
     cfg = cfg or InferenceConfig()
@@ -183,9 +191,7 @@ def reconstruct(model: DiffractionToObject, scan: ScanData, cfg: InferenceConfig
     history: list[float] = []
     if cfg.refine_steps and cfg.refine_method == "object":
         t2 = time.perf_counter()
-        amplitudes = None
-        if len(scan) * scan.N * scan.N <= limits.REFINE_IN_MEMORY_MAX_VALUES:  # small scans: read once, not every step
-            amplitudes = torch.from_numpy(scan.amplitude(slice(0, len(scan))))
+        amplitudes = refinement_amplitudes(scan)
         with _progress(cfg.refine_steps, "refine", cfg.progress, unit="pass") as bar:
             result = refine_object(obj, scan, probe, cfg.refine_steps, amplitudes=amplitudes,
                                    on_step=lambda i, loss: bar.update(1))

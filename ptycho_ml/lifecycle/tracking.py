@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from dataclasses import asdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -93,7 +94,7 @@ def train_tracked(config: TrainingConfig, register_as: str | None) -> tuple[Trai
             log_previews(result.test_reconstruction.network_obj, result.test_scan, "reconstruction/network", "network")
             log_previews(result.test_reconstruction.obj, result.test_scan, "reconstruction/refined", "refined")
         if result.warm_start is not None:
-            mlflow.log_dict(result.warm_start.__dict__, "warm_start.json")
+            mlflow.log_dict(asdict(result.warm_start), "warm_start.json")
         info = flavor.log_model(result.bundle_path, name="model", registered_model_name=register_as or None)
         # Logged after the model, linked to it: the run and the logged model's page both show them.
         mlflow.log_metrics({"flops_per_pattern": result.model_summary["flops_per_pattern"],

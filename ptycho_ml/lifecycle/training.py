@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -138,7 +138,7 @@ def train(config: TrainingConfig, loggers: list[Any] | None = None, preview_sink
                                                threads=threads)
         result_metrics = {f"test_{k}": v for k, v in scores.items()}
         if evaluate_refine_steps is None or evaluate_refine_steps > 0:  # what the network saves the refinement
-            warm = warm_start(model, test_scan)
+            warm = warm_start(model, test_scan, network=test_recon)
             result_metrics.update({f"test_{k}": v for k, v in warm.figures().items()})
     elif test_scan is not None:  # no ground truth: reconstruct for the previews only
         steps = InferenceConfig().refine_steps if evaluate_refine_steps is None else evaluate_refine_steps
@@ -147,7 +147,7 @@ def train(config: TrainingConfig, loggers: list[Any] | None = None, preview_sink
     extra = {"metrics": result_metrics, "best_val_loss": fitted.best_val_loss, "dataset": fingerprint,
              "model_summary": summary}
     if warm is not None:
-        extra["warm_start"] = {"flat_passes": warm.flat_passes, "tolerance": warm.tolerance, "curve": warm.curve}
+        extra["warm_start"] = asdict(warm)
     bundle_path = save_model_bundle(model, Path(config.output_dir) / "wts.h5.zip",
                                     config={"training": config.to_dict()}, extra=extra)
     return TrainResult(bundle_path, model, fitted.history, result_metrics, fitted.amplitude_scale, fitted.n_train,
