@@ -2,8 +2,8 @@
 """pty-chi iterative-reconstruction baseline (LSQ-ML or ePIE) on a PtychoPINN NPZ scan.
 
 Runs pty-chi (PyPI package ``ptychi``, https://github.com/AdvancedPhotonSource/pty-chi)
-with the known probe held fixed, positions fixed, a flat start object (ones)
-and no regularisers, and writes the reconstructed object on the same pixel
+with the known probe held fixed, positions fixed (``--refine-probe`` and
+``--refine-positions`` optimise them too), a flat start object (ones) and no regularisers, and writes the reconstructed object on the same pixel
 grid as the scan's ``objectGuess``.
 
 Usage
@@ -29,7 +29,9 @@ pass ``--object-shape H W``.
 Output NPZ: ``obj`` ``(H, W)`` complex64, ``wall_s`` (``task.run()`` only, no
 set-up), ``setup_s``, ``epochs``, ``algorithm``, ``ptychi_version``,
 ``threads``, ``batch_size``, ``loss`` (per-epoch pty-chi loss), ``shim``
-(whether the torchvision shim below was used) and ``shim_calls``. One JSON
+(whether the torchvision shim below was used), ``shim_calls``, ``probe``
+``(K, N, N)`` (after the run, on our scale) and ``positions_px`` ``(M, 2)``
+(x, y; corrected with ``--refine-positions``). One JSON
 line with the scalars (plus ``probe_drift``, the largest change of the probe
 during the run relative to its peak, 0 when it stayed fixed, and quick metrics
 when ``objectGuess`` is present) is printed last on stdout, prefixed ``RESULT``.
@@ -394,8 +396,19 @@ def load_scan(path: str | Path, object_shape: tuple[int, int] | None = None) -> 
 
 
 def build_options(api, algorithm: str, epochs: int, batch_size: int, seed: int,
-                  device: str, noise_model: str, epie_alpha: float):
-    """pty-chi options: fixed probe and positions, no regularisers (see module docstring)."""
+                  device: str, noise_model: str, epie_alpha: float,
+                  refine_probe: bool = False, refine_positions: bool = False):
+    """pty-chi options: fixed probe and positions, no regularisers (see module docstring).
+
+    ``refine_probe``: the probe is optimised from the first epoch (pty-chi's
+    defaults: SGD step 1, incoherent modes orthogonalised). The object/probe
+    scale is free during the run (measured: the probe 20x too strong after
+    200 epochs; pty-chi's own power constraint left the object 30x too strong),
+    so :func:`reconstruct` fixes it afterwards: probe power back to the given
+    probe's, object scaled inversely (the data see only their product).
+    ``refine_positions``: gradient position correction (pty-chi's defaults:
+    step 0.3, updates clipped at 0.1 px) from epoch 10, mean position held.
+    """
     if algorithm == "lsqml":
         opts = api.LSQMLOptions()
         opts.reconstructor_options.noise_model = api.NoiseModels(noise_model)
@@ -412,8 +425,11 @@ def build_options(api, algorithm: str, epochs: int, batch_size: int, seed: int,
     oo.determine_position_origin_coords_by = api.ObjectPosOriginCoordsMethods.SPECIFIED
     oo.position_origin_coords = (-0.5, -0.5)
     oo.remove_object_probe_ambiguity.enabled = False
-    opts.probe_options.optimizable = False
-    opts.probe_position_options.optimizable = False
+    opts.probe_options.optimizable = refine_probe
+    opts.probe_position_options.optimizable = refine_positions
+    if refine_positions:
+        opts.probe_position_options.optimization_plan.start = 10  # once the object has settled
+        opts.probe_position_options.constrain_position_mean = True
     opts.opr_mode_weight_options.optimizable = False
     ro = opts.reconstructor_options
     ro.num_epochs = epochs
@@ -446,10 +462,11 @@ def reconstruct(scan: dict, args) -> dict:
     intensity = np.square(scan["amplitude"], dtype=np.float32)
     obj0 = np.ones((1, *scan["obj_shape"]), np.complex64)
     opts = build_options(api, args.algorithm, args.epochs, args.batch_size, args.seed,
-                         args.device, args.noise_model, args.epie_alpha)
+                         args.device, args.noise_model, args.epie_alpha, args.refine_probe, args.refine_positions)
     task = PtychographyTask(opts, diffraction_data=intensity, object_data=obj0, probe_data=probe,
                             probe_position_x_px=scan["x"], probe_position_y_px=scan["y"])
     setup_s = time.perf_counter() - t0
+    positions_before = task.get_data_to_cpu("probe_positions", as_numpy=True).astype(np.float64)  # (M, 2) (y, x)
     t1 = time.perf_counter()
     task.run()
     if args.device == "gpu" and torch.cuda.is_available():
@@ -457,13 +474,19 @@ def reconstruct(scan: dict, args) -> dict:
     wall_s = time.perf_counter() - t1
     obj = task.get_data_to_cpu("object", as_numpy=True)[0].astype(np.complex64)
     probe_after = task.get_data_to_cpu("probe", as_numpy=True)
+    if args.refine_probe:  # the object/probe scale gauge: the given probe's power, the object inversely
+        gauge = np.sqrt(np.sum(np.abs(probe_after[0]) ** 2) / np.sum(np.abs(probe[0]) ** 2))
+        probe_after, obj = probe_after / gauge, (obj * gauge).astype(np.complex64)
     probe_drift = float(np.abs(probe_after - probe).max() / np.abs(probe).max())
     loss = np.asarray(task.reconstructor.loss_tracker.table["loss"], dtype=np.float64)
+    moved = task.get_data_to_cpu("probe_positions", as_numpy=True).astype(np.float64) - positions_before
+    positions_px = np.stack([scan["x"] + moved[:, 1], scan["y"] + moved[:, 0]], axis=1)  # ours: (x, y)
     return {"obj": obj, "wall_s": wall_s, "setup_s": setup_s, "epochs": args.epochs,
             "algorithm": args.algorithm, "ptychi_version": version, "threads": args.threads,
             "batch_size": args.batch_size, "loss": loss, "shim": shim is not None,
             "shim_calls": int(shim.CALLS["gaussian_blur"]) if shim is not None else 0,
-            "probe_drift": probe_drift}
+            "probe_drift": probe_drift, "probe": (probe_after[0] * N).astype(np.complex64),  # our scale
+            "positions_px": positions_px}
 
 
 # --------------------------------------------------------------------------
@@ -506,7 +529,7 @@ def write_result(path: str | Path, rec: dict) -> None:
              epochs=np.int64(rec["epochs"]), algorithm=np.array(rec["algorithm"]),
              ptychi_version=np.array(rec["ptychi_version"]), threads=np.int64(rec["threads"]),
              batch_size=np.int64(rec["batch_size"]), loss=rec["loss"], shim=np.bool_(rec["shim"]),
-             shim_calls=np.int64(rec["shim_calls"]))
+             shim_calls=np.int64(rec["shim_calls"]), probe=rec["probe"], positions_px=rec["positions_px"])
 
 
 def summary(rec: dict, scan: dict) -> dict:
@@ -589,6 +612,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="convention check on noise-free simulated data (needs ptycho_ml importable)")
     p.add_argument("--check-tolerance", type=float, default=0.05)
     p.add_argument("--quiet", action="store_true", help="hide pty-chi's per-epoch log")
+    p.add_argument("--refine-probe", action="store_true", help="optimise the probe too (default: held fixed)")
+    p.add_argument("--refine-positions", action="store_true", help="correct the positions too (from epoch 10)")
     args = p.parse_args(argv)
     if isinstance(args.make_venv, Path):
         args.venv = args.make_venv

@@ -65,10 +65,11 @@ def row(name: str, m: dict[str, float], seconds: float, ref_seconds: float | Non
     return {"method": name, "seconds": seconds, "vs_ptychi_time": (seconds / ref_seconds) if ref_seconds else None, **m}
 
 
-def run_ptychi(data: Path, out: Path, epochs: int, reuse: bool = False) -> tuple[np.ndarray, float]:
+def run_ptychi(data: Path, out: Path, epochs: int, reuse: bool = False, extra: tuple[str, ...] = ()) -> tuple[np.ndarray, float]:
     """pty-chi LSQ-ML on ``data``, one thread, in its own venv (``ptychi_baseline.py``): ``(obj, wall_s)``.
 
     ``reuse``: take an earlier result at ``out`` of the same (unchanged) scan and epochs instead.
+    ``extra``: more ``ptychi_baseline.py`` flags (e.g. ``--refine-probe``); the rest of its output stays in ``out``.
     """
     if reuse and out.is_file() and data.stat().st_mtime <= out.stat().st_mtime:
         with np.load(out) as f:
@@ -76,7 +77,7 @@ def run_ptychi(data: Path, out: Path, epochs: int, reuse: bool = False) -> tuple
                 print(f"reusing {out} (pty-chi, {epochs} epochs, {float(f['wall_s']):.1f} s)", flush=True)
                 return f["obj"], float(f["wall_s"])
     cmd = [sys.executable, str(HERE / "ptychi_baseline.py"), "--data", str(data), "--out", str(out),
-           "--algorithm", "lsqml", "--epochs", str(epochs), "--threads", "1", "--quiet"]
+           "--algorithm", "lsqml", "--epochs", str(epochs), "--threads", "1", "--quiet", *extra]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     with np.load(out) as f:

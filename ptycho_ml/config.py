@@ -115,7 +115,7 @@ class SimulationConfig(ConfigBase):
     object_families: tuple[str, ...] = ("lines", "grf", "siemens")
     amplitude_min: float = 0.3
     phase_range_rad: float = 2.0
-    probe_kind: Literal["focused", "gaussian", "file"] = "focused"
+    probe_kind: Literal["focused", "aberrated", "gaussian", "file"] = "focused"
     probe_file: str = ""
     aperture_radius_px: float = 8.0
     defocus_m: float = 300e-6
@@ -136,7 +136,7 @@ class SimulationConfig(ConfigBase):
             raise PtychoInputError(
                 f"config: {name}.object_size_px: found {self.object_size_px}, expected >= N + 2 = {self.N + 2}"
             )
-        known = {"lines", "grf", "siemens"}
+        known = {"lines", "grf", "siemens", "dead_leaves", "fractal"}
         bad = [f for f in self.object_families if f not in known]
         if bad or not self.object_families:
             raise PtychoInputError(
@@ -170,6 +170,8 @@ NPZ_STREAM_MIN_BYTES = 1 << 20
 #: stitching and refinement hold about 36 bytes per pixel). ``$PTYCHO_ML_MAX_CANVAS_PIXELS`` overrides it.
 MAX_CANVAS_PIXELS = 1 << 29
 MAX_CANVAS_PIXELS_ENV = "PTYCHO_ML_MAX_CANVAS_PIXELS"
+#: The most incoherent probe modes a refinement learns: beyond a few, extra modes carry noise, not beam.
+MAX_PROBE_MODES = 8
 
 
 def max_canvas_pixels() -> int:
@@ -259,6 +261,10 @@ class TrainingConfig(ConfigBase):
     seed: int = 0
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
     devices: int = 1
+    num_nodes: int = 1
+    # Lightning's strategy: "ddp" relaunches this command once per device (torchrun/SLURM set the ranks
+    # across nodes); "ddp_spawn" spawns workers from this process; "auto" is Lightning's choice.
+    strategy: Literal["auto", "ddp", "ddp_spawn"] = "auto"
     threads: int = 0
     quiet: bool = False
     resume: str = ""
@@ -275,6 +281,9 @@ class TrainingConfig(ConfigBase):
         _positive(name, "learning_rate", self.learning_rate)
         if not 0 <= self.val_fraction < 1:
             raise PtychoInputError(f"config: {name}.val_fraction: found {self.val_fraction}, expected in [0, 1)")
+        for key in ("devices", "num_nodes"):
+            if getattr(self, key) < 1:
+                raise PtychoInputError(f"config: {name}.{key}: found {getattr(self, key)}, expected >= 1")
         if self.threads < 0:
             raise PtychoInputError(f"config: {name}.threads: found {self.threads}, expected >= 0 (0 = all available cores)")
 
@@ -294,6 +303,12 @@ class InferenceConfig(ConfigBase):
     finetune_epochs: int = 3
     threads: int = 0
     progress: bool = True
+    # Joint refinement (ptycho_ml.physics.refine.refine_joint): what else is refined with the object.
+    refine_probe: bool = False
+    refine_positions: bool = False
+    refine_intensity: bool = False
+    probe_modes: int = 1
+    probe_support_px: float = 0.0  # radius of a circular probe support (0 = none)
 
     def validate(self) -> None:
         name = type(self).__name__
@@ -301,3 +316,47 @@ class InferenceConfig(ConfigBase):
             raise PtychoInputError(f"config: {name}.batch_size: found {self.batch_size}, expected >= 1")
         if self.refine_steps < 0:
             raise PtychoInputError(f"config: {name}.refine_steps: found {self.refine_steps}, expected >= 0")
+        if not 1 <= self.probe_modes <= MAX_PROBE_MODES:
+            raise PtychoInputError(f"config: {name}.probe_modes: found {self.probe_modes}, expected 1..{MAX_PROBE_MODES} incoherent modes")
+        if self.probe_modes > 1 and not self.refine_probe:
+            raise PtychoInputError(f"config: {name}.probe_modes: found {self.probe_modes} without refine_probe, "
+                                   "expected 1 unless the probe is refined (extra modes are learnt from the data)")
+        if self.probe_support_px < 0:
+            raise PtychoInputError(f"config: {name}.probe_support_px: found {self.probe_support_px}, expected >= 0 (0 = no support)")
+
+
+@dataclass(frozen=True)
+class ScanErrorConfig(ConfigBase):
+    """How a simulated scan's file probe and positions differ from the truth (:mod:`ptycho_ml.physics.scan_errors`).
+
+    The diffraction is simulated with the true probe and positions; the file
+    holds the nominal ones. ``defocus_error`` and ``astigmatism`` are fractions
+    of the nominal defocus (the truth has ``(1 + defocus_error)`` of it, and
+    ``± astigmatism`` of it more along x and less along y); ``missing_mode``
+    (0..0.5) is the power fraction of a second incoherent mode the file omits;
+    ``position_noise_px`` the RMS of per-axis Gaussian errors and
+    ``position_drift_px`` the end-to-end length of a linear drift over the scan.
+    """
+
+    defocus_error: float = 0.0
+    astigmatism: float = 0.0
+    missing_mode: float = 0.0
+    position_noise_px: float = 0.0
+    position_drift_px: float = 0.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        name = type(self).__name__
+        if not -0.9 <= self.defocus_error <= 10:
+            raise PtychoInputError(f"config: {name}.defocus_error: found {self.defocus_error}, expected a fraction in [-0.9, 10]")
+        if not 0 <= self.astigmatism <= 10:
+            raise PtychoInputError(f"config: {name}.astigmatism: found {self.astigmatism}, expected a fraction in [0, 10]")
+        if not 0 <= self.missing_mode <= 0.5:
+            raise PtychoInputError(f"config: {name}.missing_mode: found {self.missing_mode}, expected a power fraction in [0, 0.5]")
+        for key in ("position_noise_px", "position_drift_px"):
+            if getattr(self, key) < 0:
+                raise PtychoInputError(f"config: {name}.{key}: found {getattr(self, key)}, expected >= 0")
+
+    def any(self) -> bool:
+        """True when the file will differ from the truth."""
+        return any((self.defocus_error, self.astigmatism, self.missing_mode, self.position_noise_px, self.position_drift_px))

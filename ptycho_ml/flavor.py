@@ -10,7 +10,9 @@ float32 (B, 2) (x, y) patch centres in object pixels}``, as JSON (``inputs``)
 or, compactly, as a Parquet DataFrame whose ``diffraction`` column holds each
 frame flattened (MLflow reshapes it by the signature). Params: ``output``
 (``object`` | ``patches``), ``refine_steps`` (default 0, for latency),
-``obj_height``/``obj_width`` (default: just big enough for the positions).
+``obj_height``/``obj_width`` (default: just big enough for the positions),
+``refine_probe``, ``refine_positions``, ``refine_intensity`` (default false)
+and ``probe_modes`` (default 1), as ``ptycho-ml reconstruct``'s flags.
 Output: ``{"amplitude", "phase"}`` arrays of the stitched object ``(H, W)``
 or of the patches ``(B, N, N)``.
 """
@@ -77,7 +79,9 @@ def model_signature(N: int) -> ModelSignature:
     inputs = Schema([TensorSpec(np.dtype(np.float32), (-1, N, N), "diffraction"),
                      TensorSpec(np.dtype(np.float32), (-1, 2), "positions")])
     params = ParamSchema([ParamSpec("output", "string", "object"), ParamSpec("refine_steps", "long", 0),
-                          ParamSpec("obj_height", "long", 0), ParamSpec("obj_width", "long", 0)])
+                          ParamSpec("obj_height", "long", 0), ParamSpec("obj_width", "long", 0),
+                          ParamSpec("refine_probe", "boolean", False), ParamSpec("refine_positions", "boolean", False),
+                          ParamSpec("refine_intensity", "boolean", False), ParamSpec("probe_modes", "long", 1)])
     return ModelSignature(inputs=inputs, params=params)
 
 
@@ -189,6 +193,10 @@ def _bad_request(message: str) -> MlflowException:
     return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
 
+#: Joint-refinement params, passed as they are to InferenceConfig (same names as the CLI flags).
+REFINEMENT_PARAMS = ("refine_probe", "refine_positions", "refine_intensity", "probe_modes")
+
+
 class PtychoPyfuncModel:
     """pyfunc wrapper over :func:`ptycho_ml.inference.reconstruct.reconstruct` (shared with the batch CLI)."""
 
@@ -215,7 +223,8 @@ class PtychoPyfuncModel:
                 patches = predict_patches(self.model, torch.from_numpy(diffraction), positions).numpy()
                 return {"amplitude": np.abs(patches).astype(np.float32), "phase": np.angle(patches).astype(np.float32)}
             scan = self._scan(diffraction, positions, int(params.get("obj_height") or 0), int(params.get("obj_width") or 0))
-            cfg = InferenceConfig(refine_steps=int(params.get("refine_steps") or 0), progress=False)
+            cfg = InferenceConfig.from_dict({"refine_steps": int(params.get("refine_steps") or 0), "progress": False,
+                                             **{k: params[k] for k in REFINEMENT_PARAMS if params.get(k) is not None}})
             obj = reconstruct(self.model, scan, cfg).obj
         except PtychoInputError as exc:
             raise _bad_request(str(exc)) from None

@@ -104,7 +104,8 @@ def test_unsupported_backend_fails_at_once_naming_the_supported_ones(lifecycle):
 def test_promote_gate_then_reconstruct_from_production(lifecycle, tiny_test_npz):
     tmp, env = lifecycle["tmp"], lifecycle["env"]
     strict = tmp / "strict.toml"
-    strict.write_text("[stages.Production.min]\ntest_refined_amplitude_ssim = 0.999\n")
+    strict.write_text("[stages.Production.min]\ntest_refined_amplitude_ssim = 0.999\n"
+                      "[aliases.champion]\nsame_as = \"Production\"\n")
     refused = _run([sys.executable, "-m", "ptycho_ml.cli", "promote", "--version", "1", "--stage", "Production",
                     "--policy", str(strict)], env, tmp)
     assert refused.returncode == 2 and "test_refined_amplitude_ssim" in refused.stderr
@@ -113,12 +114,19 @@ def test_promote_gate_then_reconstruct_from_production(lifecycle, tiny_test_npz)
     assert forced.returncode == 0, forced.stderr
     listed = _run([sys.executable, "-m", "ptycho_ml.cli", "models"], env, tmp)
     assert "Production" in listed.stdout and "champion" in listed.stdout
+    # --force put it there, but loading through the stage or alias judges it again: refused without the override
+    strict_env = {**env, "PTYCHO_ML_POLICY": str(strict)}
+    refused = _run([sys.executable, "-m", "ptycho_ml.cli", "reconstruct", "--alias", "champion", "--data",
+                    str(tiny_test_npz), "--out", str(tmp / "recon_refused"), "--quiet"], strict_env, tmp)
+    assert refused.returncode == 2 and "fails the @champion gate" in refused.stderr, refused.stderr
+    assert not (tmp / "recon_refused").exists()
     for selector in (["--model", "models:/ptychopinn/Production"], ["--alias", "champion"], ["--stage", "production"]):
         out = tmp / ("recon_" + selector[-1].replace(":", "_").replace("/", "_"))
         proc = _run([sys.executable, "-m", "ptycho_ml.cli", "reconstruct", *selector, "--data", str(tiny_test_npz),
-                     "--out", str(out), "--refine-steps", "2", "--quiet"], env, tmp)
+                     "--out", str(out), "--refine-steps", "2", "--quiet", "--allow-ungated"], strict_env, tmp)
         assert proc.returncode == 0, proc.stderr
         assert (out / "object.h5").is_file() and (out / "product.h5").is_file()
+        assert json.loads((out / "summary.json").read_text())["provenance"]["gate"]["verdict"] == "overridden"
 
 
 def _free_port() -> int:

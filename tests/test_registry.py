@@ -38,6 +38,15 @@ RUNS = {
 POLICY = {"stages": {"Staging": {"min": {"test_refined_amplitude_ssim": 0.5}},
                      "Production": {"min": {"test_refined_amplitude_ssim": 0.8, "test_refined_phase_ssim": 0.5}}},
           "aliases": {"champion": {"same_as": "Production"}}}
+# The same policy as a file: the load-time gate reads it through $PTYCHO_ML_POLICY.
+POLICY_TOML = """[stages.Staging.min]
+test_refined_amplitude_ssim = 0.5
+[stages.Production.min]
+test_refined_amplitude_ssim = 0.8
+test_refined_phase_ssim = 0.5
+[aliases.champion]
+same_as = "Production"
+"""
 
 
 def _tiny_model(seed: int) -> DiffractionToObject:
@@ -64,6 +73,9 @@ def logged(tmp_path_factory):
         mp.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         uri = f"sqlite:///{root}/mlflow.db"
         mp.setenv("MLFLOW_TRACKING_URI", uri)  # restored (or removed) when the module ends
+        (root / "policy.toml").write_text(POLICY_TOML)
+        mp.setenv(registry.POLICY_ENV, str(root / "policy.toml"))
+        mp.delenv(registry.ALLOW_UNGATED_ENV, raising=False)
         mlflow.set_tracking_uri(uri)
         out = {}
         for seed, (label, metrics) in enumerate(RUNS.items()):
@@ -137,8 +149,11 @@ def test_default_policy_file_has_the_documented_gates(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # not the repo: found next to the package
     policy = registry.load_policy()
     assert policy["path"].endswith("registry/policy.toml")
-    assert policy["stages"]["Production"]["min"] == {"test_refined_amplitude_ssim": 0.8, "test_refined_phase_ssim": 0.5}
-    assert policy["stages"]["Staging"]["min"] == {"test_refined_amplitude_ssim": 0.5}
+    production = policy["stages"]["Production"]["min"]
+    # the network is judged too, not only the refined figures (which refinement makes high for any network)
+    assert {"test_network_amplitude_ssim", "test_network_phase_ssim", "test_passes_saved",
+            "test_refined_amplitude_ssim", "test_refined_phase_ssim"} == set(production)
+    assert policy["stages"]["Staging"]["min"]["test_network_amplitude_ssim"] <= production["test_network_amplitude_ssim"]
     assert policy["aliases"]["champion"]["same_as"] == "Production"
     # $PTYCHO_ML_POLICY, then ./registry/policy.toml, take precedence
     (tmp_path / "registry").mkdir()
@@ -414,7 +429,9 @@ def test_reconstruct_records_the_resolved_version_run_and_bundle_checksum(make_m
     bundle = mlflow.artifacts.download_artifacts(f"models:/{name}/2") + "/data/wts.h5.zip"
     sha = hashlib.sha256(open(bundle, "rb").read()).hexdigest()
     expected = {"uri": f"models:/{name}@champion", "resolved_uri": f"models:/{name}/2", "name": name, "version": "2",
-                "run_id": logged["good2"]["run_id"], "bundle_sha256": sha}
+                "run_id": logged["good2"]["run_id"], "bundle_sha256": sha,
+                "gate": {"target": "@champion", "verdict": "pass", "failures": [],
+                         "policy": str(registry.load_policy()["path"])}}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["provenance"] == expected and summary["model"] == f"models:/{name}@champion"
     with h5py.File(out / "object.h5") as h5:
@@ -424,3 +441,137 @@ def test_reconstruct_records_the_resolved_version_run_and_bundle_checksum(make_m
     # a stage resolves to its highest version; the version loaded is the one recorded
     model, provenance = registry.load_model_with_provenance(f"models:/{name}/latest")
     assert provenance["version"] == "2" and _same_weights(model, logged["good2"]["model"])
+
+
+# ---------------------------------------------------------------- the load-time gate
+
+def test_load_time_gate_refuses_a_failing_holder_however_it_got_there(make_model, logged, monkeypatch):
+    """An alias or stage set straight in the registry (as the UI does) to a failing version is refused at load."""
+    name = make_model("good", "fair")
+    client = MlflowClient()
+    client.set_registered_model_alias(name, "champion", "2")  # no gate on the way in
+    with pytest.raises(PtychoInputError) as info:
+        registry.load_model_with_provenance(f"models:/{name}@champion")
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{name} version 2 (the holder of @champion) fails the @champion gate: ")
+    assert "test_refined_phase_ssim = 0.412 < 0.5 required for @champion" in message and "--allow-ungated" in message
+    # the explicit override loads it and says so in the provenance
+    with pytest.warns(UserWarning, match="fails the @champion gate and is used anyway"):
+        model, provenance = registry.load_model_with_provenance(f"models:/{name}@champion", allow_ungated=True)
+    assert _same_weights(model, logged["fair"]["model"])
+    assert provenance["gate"]["verdict"] == "overridden" and provenance["gate"]["target"] == "@champion"
+    assert "test_refined_amplitude_ssim = 0.63 < 0.8 required for @champion" in provenance["gate"]["failures"]
+    assert "FAILS the @champion gate" in registry.describe_provenance(provenance)
+    monkeypatch.setenv(registry.ALLOW_UNGATED_ENV, "1")  # the switch for entry points without the flag
+    with pytest.warns(UserWarning, match="used anyway"):
+        assert registry.load_model_with_provenance(f"models:/{name}@champion")[1]["gate"]["verdict"] == "overridden"
+    monkeypatch.setenv(registry.ALLOW_UNGATED_ENV, "maybe")
+    with pytest.raises(PtychoInputError, match=r"\$PTYCHO_ML_ALLOW_UNGATED: found 'maybe'"):
+        registry.load_model_with_provenance(f"models:/{name}@champion")
+    monkeypatch.delenv(registry.ALLOW_UNGATED_ENV)
+    # a version number names one model outright: no gate; an alias with no gate in the policy: no refusal
+    assert "gate" not in registry.load_model_with_provenance(f"models:/{name}/2")[1]
+    client.set_registered_model_alias(name, "challenger", "2")
+    assert registry.load_model_with_provenance(f"models:/{name}@challenger")[1]["gate"]["verdict"] == "pass"
+
+
+def test_stage_held_by_two_versions_resolves_to_the_highest_and_gates_it(make_model, logged):
+    """The old UI's stage dialog leaves 'archive existing' unticked: two holders; the highest version is the one used."""
+    name = make_model("good", "fair", "good2")
+    client = MlflowClient()
+    with pytest.warns(FutureWarning):
+        client.transition_model_version_stage(name, "1", "Production")
+        client.transition_model_version_stage(name, "2", "Production")  # archive_existing_versions=False, as the UI
+    assert _stages(name) == {"1": "Production", "2": "Production", "3": "None"}
+    with pytest.raises(PtychoInputError, match=f"^{name} version 2 \\(the holder of Production\\) fails the Production gate"):
+        registry.load_native_model(f"models:/{name}/Production")
+    with pytest.warns(FutureWarning):
+        client.transition_model_version_stage(name, "3", "Production")
+    model, provenance = registry.load_model_with_provenance(f"models:/{name}/Production")
+    assert provenance["version"] == "3" and provenance["gate"]["verdict"] == "pass"
+    assert _same_weights(model, logged["good2"]["model"])
+
+
+def test_cli_reconstruct_refuses_then_records_the_override(make_model, logged, tmp_path, tiny_test_npz):
+    import json
+
+    from ptycho_ml.cli import main
+
+    name = make_model("fair")
+    MlflowClient().set_registered_model_alias(name, "champion", "1")
+    args = ["reconstruct", "--model", f"models:/{name}@champion", "--data", str(tiny_test_npz), "--refine-steps", "0",
+            "--quiet"]
+    refused = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "refused")])
+    assert refused.exit_code == 2, refused.output
+    assert len(refused.output.strip().splitlines()) == 1
+    assert refused.output.startswith(f"error: {name} version 1 (the holder of @champion) fails the @champion gate")
+    assert not (tmp_path / "refused").exists()
+    used = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "used"), "--allow-ungated"])
+    assert used.exit_code == 0, used.output
+    assert "FAILS the @champion gate, used with --allow-ungated" in used.output
+    gate = json.loads((tmp_path / "used" / "summary.json").read_text())["provenance"]["gate"]
+    assert gate["verdict"] == "overridden" and gate["failures"]
+    # the flag holds for its own command only
+    assert registry._ALLOW_UNGATED_FLAG["on"] is None
+    again = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "again")])
+    assert again.exit_code == 2
+
+
+# ---------------------------------------------------------------- figures and verdicts on the version
+
+def test_annotate_version_writes_figures_verdicts_and_description(make_model, logged):
+    name = make_model("good", "fair")
+    client = MlflowClient()
+    judged = registry.annotate_version(name, 1, policy=POLICY)
+    assert judged["verdicts"] == {"Staging": [], "Production": [], "@champion": []}
+    tags = client.get_model_version(name, "1").tags
+    assert tags["ptycho_ml.network_amplitude_ssim"] == "0.85" and tags["ptycho_ml.refined_phase_ssim"] == "0.72"
+    assert tags["ptycho_ml.passes_saved"] == "missing" and tags[registry.TAG_DATASET] == "unknown"
+    assert tags["ptycho_ml.gate.stage.Production"] == "pass" and tags["ptycho_ml.gate.alias.champion"] == "pass"
+    registry.annotate_version(name, 2, policy=POLICY)
+    v2 = client.get_model_version(name, "2")
+    assert v2.tags["ptycho_ml.gate.stage.Staging"] == "pass"
+    assert v2.tags["ptycho_ml.gate.stage.Production"].startswith("fail: test_refined_amplitude_ssim = 0.63 < 0.8")
+    assert "| refined phase ssim | 0.412 |" in v2.description and "| Production | FAIL: " in v2.description
+
+
+# ---------------------------------------------------------------- register --bundle
+
+def test_cli_register_bundle_with_recorded_and_measured_figures(logged, tmp_path, tiny_test_npz):
+    from ptycho_ml.cli import main
+
+    name = "t_register_bundle"
+    recorded = {"test_network_amplitude_ssim": 0.86, "test_network_phase_ssim": 0.62,
+                "test_refined_amplitude_ssim": 0.92, "test_refined_phase_ssim": 0.7}
+    bundle = save_model_bundle(_tiny_model(7), tmp_path / "wts.h5.zip",
+                               extra={"metrics": recorded, "dataset": {"sha256": "ab" * 32, "source": "train.npz"}})
+    runner = CliRunner()
+    first = runner.invoke(main, ["register", "--bundle", str(bundle), "--name", name])
+    assert first.exit_code == 0, first.output
+    assert f"{name} version 1 from {bundle}" in first.output and "recorded in the bundle" in first.output
+    assert "  Production: pass" in first.output  # the test policy ($PTYCHO_ML_POLICY) judges refined figures
+    client = MlflowClient()
+    v1 = client.get_model_version(name, "1")
+    assert client.get_run(v1.run_id).data.metrics == pytest.approx(recorded)
+    assert v1.tags["ptycho_ml.network_phase_ssim"] == "0.62" and v1.tags[registry.TAG_DATASET] == "ab" * 32
+    assert _same_weights(registry.load_native_model(f"models:/{name}/1"), _tiny_model(7))
+    bad = runner.invoke(main, ["register", "--bundle", str(tmp_path / "absent.zip"), "--name", name])
+    assert bad.exit_code == 2 and bad.output.startswith("error: ") and len(bad.output.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_cli_register_bundle_measures_figures_on_a_held_out_scan(logged, tmp_path, tiny_test_npz):
+    """Measured with the training run's own held-out evaluation (network, refined, warm start)."""
+    from ptycho_ml.cli import main
+
+    name = "t_register_measured"
+    bundle = save_model_bundle(_tiny_model(8), tmp_path / "wts.h5.zip")  # records no figures
+    result = CliRunner().invoke(main, ["register", "--bundle", str(bundle), "--name", name,
+                                       "--metrics-from-data", str(tiny_test_npz)])
+    assert result.exit_code == 0, result.output
+    assert f"{name} version 1" in result.output and f"measured on {tiny_test_npz}" in result.output
+    client = MlflowClient()
+    measured = client.get_run(client.get_model_version(name, "1").run_id).data.metrics
+    assert {"test_network_amplitude_ssim", "test_refined_phase_ssim", "test_passes_saved"} <= set(measured)
+    tags = client.get_model_version(name, "1").tags
+    assert tags["ptycho_ml.passes_saved"] == f"{measured['test_passes_saved']:.6g}"

@@ -70,6 +70,12 @@ def test_a_smoke_run_scores_network_and_flat_starts(suite, tmp_path, tiny_scan):
     suite.plot(res, tmp_path / "chip.png")
     assert (tmp_path / "chip.png").read_bytes()[:4] == b"\x89PNG"
     assert "chip-smoke" in suite.table([res])
+    # The goal line compares network + K against flat + K' from the same curves (here K = K' = 3: the same runs).
+    same = suite.goals([res], warm_passes=3, flat_passes=3).splitlines()[1]
+    expected = "met" if res["network"][1]["amplitude_ssim"] >= res["flat"][1]["amplitude_ssim"] - 0.005 and \
+        res["network"][1]["phase_ssim"] >= res["flat"][1]["phase_ssim"] - 0.005 else "missed"
+    assert same.startswith("chip-smoke") and f": {expected};" in same
+    assert "needs K = 8 and 30" in suite.goals([res])
     assert suite.main(["--bundle", str(bundle), "--scans", "text-weak", "--out", str(tmp_path / "o"), "--no-ptychi",
                        "--passes", "0"]) == 0  # N = 64 scan, N = 32 model: skipped with a message, not a crash
     assert json.loads((tmp_path / "o" / "suite.json").read_text())["results"] == []

@@ -65,10 +65,28 @@ _mlflow_option = click.option("--mlflow", "track", is_flag=True,
 @click.option("--probe-file", default="", help="NPZ (probeGuess) or .npy probe when --probe file.")
 @click.option("--families", default=None, help="Comma-separated object families: lines,grf,siemens.")
 @click.option("--which", default="train,test", show_default=True, help="Which scans to write.")
+@click.option("--defocus-error", default=0.0, show_default=True, type=float,
+              help="True defocus = (1 + this) x the file probe's; the file keeps the nominal probe.")
+@click.option("--astigmatism", default=0.0, show_default=True, type=float,
+              help="True astigmatism: ± this fraction of the defocus along x / y (absent from the file probe).")
+@click.option("--missing-mode", default=0.0, show_default=True, type=float,
+              help="Power fraction of a second true incoherent mode the file probe omits (0..0.5).")
+@click.option("--position-noise-px", default=0.0, show_default=True, type=float, help="RMS error of the file positions (px, per axis).")
+@click.option("--position-drift-px", default=0.0, show_default=True, type=float, help="Linear drift of the file positions over the scan (px).")
 @_mlflow_option
-def simulate(out_dir, N, seed, nphotons, scan, probe_kind, probe_file, families, which, track):
-    """Simulate the default training scan and a held-out test scan (PtychoPINN NPZ with ground truth)."""
+def simulate(out_dir, N, seed, nphotons, scan, probe_kind, probe_file, families, which, defocus_error, astigmatism,
+             missing_mode, position_noise_px, position_drift_px, track):
+    """Simulate the default training scan and a held-out test scan (PtychoPINN NPZ with ground truth).
+
+    The scan-error options make the file's probe and positions estimates of
+    the truth that simulated the data (kept as probeTrue, xcoordsTrue, ycoordsTrue).
+    """
+    from ptycho_ml.config import ScanErrorConfig
     from ptycho_ml.physics import simulate as sim
+    from ptycho_ml.physics.scan_errors import simulate_with_errors
+
+    errors = ScanErrorConfig(defocus_error=defocus_error, astigmatism=astigmatism, missing_mode=missing_mode,
+                             position_noise_px=position_noise_px, position_drift_px=position_drift_px, seed=seed)
 
     changes = {k: v for k, v in {"nphotons": nphotons, "scan": scan, "probe_kind": probe_kind,
                                  "probe_file": probe_file or None,
@@ -81,14 +99,15 @@ def simulate(out_dir, N, seed, nphotons, scan, probe_kind, probe_file, families,
     written = []
     for name in wanted:
         cfg = type(configs[name]).from_dict({**configs[name].to_dict(), **changes})
-        scan_data = sim.simulate_scan(cfg)
+        scan_data = simulate_with_errors(cfg, errors)
         path = sim.write_simulated(scan_data, Path(out_dir) / f"{name}.npz")
         written.append(str(path))
         click.echo(f"{path}: {len(scan_data.positions_px)} patterns of {cfg.N}x{cfg.N}, object {cfg.object_size_px}^2, nphotons {cfg.nphotons:g}")
     if track:
         from ptycho_ml.lifecycle.tracking import log_simulated
 
-        log_simulated({"out": out_dir, "N": N, "seed": seed, **changes}, written)
+        log_simulated({"out": out_dir, "N": N, "seed": seed, **changes,
+                       **{k: v for k, v in errors.to_dict().items() if v and k != "seed"}}, written)
 
 
 # ---------------------------------------------------------------- train
@@ -121,7 +140,8 @@ def training_config(ctx: click.Context, config_file: str | None):
     if not isinstance(base, dict):
         raise PtychoInputError(f"{config_file}: found a JSON {type(base).__name__}, expected a JSON object of config fields")
     flags = _typed(ctx, ["data", "test_data", "output_dir", "seed", "accelerator", "threads", "resume", "quiet",
-                         "epochs", "batch_size", "learning_rate", "loss", "time_limit_s"])
+                         "epochs", "batch_size", "learning_rate", "loss", "time_limit_s", "devices", "num_nodes",
+                         "strategy"])
     flags = {k: v for k, v in flags.items() if v not in ("", None) and not (k == "time_limit_s" and v == 0)}
     model = {**base.get("model", {}), **_typed(ctx, ["preset", "gridsize"])}
     merged = {**base, **flags}
@@ -143,6 +163,11 @@ def training_config(ctx: click.Context, config_file: str | None):
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--accelerator", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True)
 @click.option("--threads", default=0, show_default=True, type=int, help="CPU threads (0 = all cores this process may use).")
+@click.option("--devices", default=1, show_default=True, type=int,
+              help="Processes (GPUs, or CPU processes) per node; above 1 Lightning trains data-parallel.")
+@click.option("--num-nodes", default=1, show_default=True, type=int, help="Machines, each started by torchrun or SLURM.")
+@click.option("--strategy", type=click.Choice(["auto", "ddp", "ddp_spawn"]), default="auto", show_default=True,
+              help="Lightning strategy: ddp relaunches this command per device; ddp_spawn spawns workers.")
 @click.option("--resume", default="", help="Checkpoint to resume from (e.g. OUT/checkpoints/last.ckpt).")
 @click.option("--time-limit-s", default=0.0, type=float, help="Stop training after this many seconds (0 = no limit).")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -154,7 +179,8 @@ def training_config(ctx: click.Context, config_file: str | None):
               help="With --mlflow: register the logged model as a new version of this name ('' = log only).")
 @click.pass_context
 def train(ctx, data, test_data, output_dir, preset, gridsize, epochs, batch_size, learning_rate, loss, seed,
-          accelerator, threads, resume, time_limit_s, config_file, quiet, backend, track, register_as):
+          accelerator, threads, devices, num_nodes, strategy, resume, time_limit_s, config_file, quiet, backend, track,
+          register_as):
     """Train a PINN reconstructor; writes OUT/wts.h5.zip (with --mlflow: logs and registers it too)."""
     from ptycho_ml.inference.metrics import format_table
 
@@ -165,12 +191,16 @@ def train(ctx, data, test_data, output_dir, preset, gridsize, epochs, batch_size
         from ptycho_ml.lifecycle.tracking import train_tracked
 
         result, info, run_id = train_tracked(config, register_as)
+        if not result.is_global_zero:  # the other processes of a multi-process run: rank 0 reports
+            return
         click.echo(f"run {run_id}: model {info.model_uri}"
                    + (f", registered as {register_as} version {info.registered_model_version}" if register_as else ""))
     else:
         from ptycho_ml.lifecycle.training import train as run_train
 
         result = run_train(config)
+        if not result.is_global_zero:
+            return
     click.echo(f"bundle: {result.bundle_path}")
     click.echo(f"trained on {result.n_train} groups, validated on {result.n_val}, {len(result.history)} epochs, {result.elapsed_s:.0f} s")
     for label in ("network", "refined"):
@@ -188,6 +218,13 @@ def _read_json(path: str) -> dict:
 
 # ---------------------------------------------------------------- reconstruct
 
+def _allow_ungated(ctx, param, value):
+    from ptycho_ml.lifecycle.registry import set_allow_ungated
+
+    set_allow_ungated(True if value else None)  # None: $PTYCHO_ML_ALLOW_UNGATED decides
+    ctx.call_on_close(lambda: set_allow_ungated(None))  # for this command only, even in a long-lived process
+
+
 def _model_options(f):
     for opt in reversed([
         click.option("--bundle", default=None, help="Local or s3:// path to a wts.h5.zip bundle."),
@@ -196,6 +233,9 @@ def _model_options(f):
         click.option("--stage", default=None, help="Registry stage, e.g. Production."),
         click.option("--alias", default=None, help="Registry alias, e.g. champion."),
         click.option("--version", "model_version", default=None, help="Registered model version number."),
+        click.option("--allow-ungated", is_flag=True, expose_value=False, callback=_allow_ungated,
+                     help="Use a stage/alias holder that fails its policy gate (recorded in the outputs; "
+                          "also $PTYCHO_ML_ALLOW_UNGATED=1)."),
     ]):
         f = opt(f)
     return f
@@ -213,32 +253,78 @@ def _load_model(bundle, model_uri, name, stage, alias, model_version):
     return load_model_with_provenance(uri)
 
 
+def _refinement_options(f):
+    """``--refine-probe``, ``--refine-positions``, ``--refine-intensity`` (alone = on; or ``true``/``false``, as
+    MLflow passes a parameter) and ``--probe-modes`` (:class:`~ptycho_ml.config.InferenceConfig` fields)."""
+    for opt in reversed([
+        click.option("--refine-probe", type=click.BOOL, is_flag=False, flag_value=True, default=None,
+                     help="Refine the probe with the object (default off: measured, docs/benchmarks.md)."),
+        click.option("--refine-positions", type=click.BOOL, is_flag=False, flag_value=True, default=None,
+                     help="Correct the scan positions once the object has settled (bounded; default off)."),
+        click.option("--refine-intensity", type=click.BOOL, is_flag=False, flag_value=True, default=None,
+                     help="Fit a per-pattern intensity scale (flux fluctuations; default off)."),
+        click.option("--probe-modes", default=None, type=int,
+                     help="Incoherent probe modes to refine (with --refine-probe; default 1, at most 8; "
+                          "a file probe with more keeps its strongest, power kept)."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _refinement_settings(refine_probe, refine_positions, refine_intensity, probe_modes) -> dict:
+    """The InferenceConfig fields of the refinement flags (None: not given, the config default)."""
+    return {"refine_probe": refine_probe, "refine_positions": refine_positions,
+            "refine_intensity": refine_intensity, "probe_modes": probe_modes}
+
+
+def _reconstruction_options(f):
+    """The reconstruction flags, shared by ``reconstruct`` and ``batch``: their values make :func:`inference_config`."""
+    for opt in reversed([
+        click.option("--refine-steps", default=None, type=int, help="Physics-consistent refinement passes (default 30; 0 = network only)."),
+        click.option("--refine-method", type=click.Choice(["object", "finetune"]), default="object", show_default=True),
+        _refinement_options,
+        click.option("--batch-size", default=256, show_default=True, type=int),
+        click.option("--threads", default=0, show_default=True, type=int),
+        click.option("--metrics/--no-metrics", default=True, show_default=True,
+                     help="Score against the scan's ground truth (objectGuess) when it has one."),
+        click.option("--quiet", is_flag=True, help="No progress bars."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def inference_config(refine_steps, refine_method, refine_probe, refine_positions, refine_intensity, probe_modes,
+                     batch_size, threads, quiet):
+    """The :class:`~ptycho_ml.config.InferenceConfig` of the reconstruction flags (a flag not given keeps the default)."""
+    from ptycho_ml.config import InferenceConfig
+
+    return InferenceConfig.from_dict({k: v for k, v in {"refine_steps": refine_steps, "refine_method": refine_method,
+                                                        "batch_size": batch_size, "threads": threads,
+                                                        "progress": not quiet,
+                                                        **_refinement_settings(refine_probe, refine_positions,
+                                                                               refine_intensity, probe_modes)}.items()
+                                      if v is not None})
+
+
 @main.command()
 @_model_options
 @click.option("--data", required=True, help="Scan to reconstruct (NPZ/HDF5/ptychodus diffraction.h5/s3://).")
 @click.option("--product", default=None, help="ptychodus product.h5 paired with a diffraction.h5 (default: beside it).")
 @click.option("--out", "out_dir", required=True, help="Output directory or s3:// prefix.")
-@click.option("--refine-steps", default=None, type=int, help="Physics-consistent refinement passes (default 30; 0 = network only).")
-@click.option("--refine-method", type=click.Choice(["object", "finetune"]), default="object", show_default=True)
-@click.option("--batch-size", default=256, show_default=True, type=int)
-@click.option("--threads", default=0, show_default=True, type=int)
-@click.option("--metrics/--no-metrics", default=True, show_default=True,
-              help="Score against the scan's ground truth (objectGuess) when it has one.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@_reconstruction_options
 @_mlflow_option
 def reconstruct(bundle, model_uri, name, stage, alias, model_version, data, product, out_dir, refine_steps,
-                refine_method, batch_size, threads, metrics, quiet, track):
+                refine_method, refine_probe, refine_positions, refine_intensity, probe_modes, batch_size, threads,
+                metrics, quiet, track):
     """Reconstruct every pattern of a scan, stitch, refine; writes object.h5, PNGs and product.h5."""
-    from ptycho_ml.config import InferenceConfig
     from ptycho_ml.data.readers import load_scan
     from ptycho_ml.inference.outputs import run_reconstruction
 
     _warnings_to_stderr()
     if not (bundle or model_uri or stage or alias or model_version):
         raise PtychoInputError("no model given: expected --bundle PATH or --model URI (or --name with --stage/--alias/--version)")
-    cfg = InferenceConfig.from_dict({k: v for k, v in {"refine_steps": refine_steps, "refine_method": refine_method,
-                                                       "batch_size": batch_size, "threads": threads,
-                                                       "progress": not quiet}.items() if v is not None})
+    cfg = inference_config(refine_steps, refine_method, refine_probe, refine_positions, refine_intensity, probe_modes,
+                           batch_size, threads, quiet)
     scan = load_scan(data, product=product)
     model, source = _load_model(bundle, model_uri, name, stage, alias, model_version)
     summary = run_reconstruction(model, scan, cfg, out_dir, provenance=source, with_metrics=metrics)
@@ -246,7 +332,9 @@ def reconstruct(bundle, model_uri, name, stage, alias, model_version, data, prod
         from ptycho_ml.lifecycle.tracking import log_reconstruction
 
         log_reconstruction({"model": source["uri"], "model_version": source["version"] or "", "data": data,
-                            "refine_steps": cfg.refine_steps}, summary, out_dir)
+                            "refine_steps": cfg.refine_steps, "refine_probe": cfg.refine_probe,
+                            "refine_positions": cfg.refine_positions, "refine_intensity": cfg.refine_intensity,
+                            "probe_modes": cfg.probe_modes}, summary, out_dir)
     from ptycho_ml.lifecycle.registry import describe_provenance
 
     click.echo(f"model: {describe_provenance(source)}")
@@ -261,12 +349,13 @@ def reconstruct(bundle, model_uri, name, stage, alias, model_version, data, prod
 @_model_options
 @click.option("--data", required=True, help="Scan with ground truth (objectGuess), e.g. the held-out test.npz.")
 @click.option("--refine-steps", default=None, type=int, help="When reconstructing with a model: refinement passes.")
+@_refinement_options
 @click.option("--json", "json_out", default=None, help="Write the metrics as JSON here.")
 @click.option("--warm-start", is_flag=True,
               help="With a model: also measure network start + K passes against flat start + 30 (passes and time saved).")
 @_mlflow_option
-def evaluate(recon, bundle, model_uri, name, stage, alias, model_version, data, refine_steps, json_out, warm_start,
-             track):
+def evaluate(recon, bundle, model_uri, name, stage, alias, model_version, data, refine_steps, refine_probe,
+             refine_positions, refine_intensity, probe_modes, json_out, warm_start, track):
     """SSIM, PSNR, MAE and FRC (amplitude and phase) of a reconstruction against ground truth."""
     from ptycho_ml.inference.evaluate import evaluate_against_truth
 
@@ -276,7 +365,10 @@ def evaluate(recon, bundle, model_uri, name, stage, alias, model_version, data, 
         if not (bundle or model_uri or stage or alias or model_version):
             raise PtychoInputError("nothing to evaluate: expected --reconstruction object.h5, --bundle PATH or --model URI")
         model, source = _load_model(bundle, model_uri, name, stage, alias, model_version)
-    table, metrics = evaluate_against_truth(data, reconstruction=recon, model=model, refine_steps=refine_steps)
+    refinement = {k: v for k, v in _refinement_settings(refine_probe, refine_positions, refine_intensity,
+                                                        probe_modes).items() if v is not None}
+    table, metrics = evaluate_against_truth(data, reconstruction=recon, model=model, refine_steps=refine_steps,
+                                            refinement=refinement)
     if warm_start:
         if model is None:
             raise PtychoInputError("--warm-start: found --reconstruction, expected a model (--bundle or --model) to start from")
@@ -355,10 +447,16 @@ def inspect(bundle_path):
 
 
 def _register_lifecycle_commands() -> None:
-    from ptycho_ml.cli.registry_commands import models, promote
+    from ptycho_ml.cli.registry_commands import gatekeeper, models, promote, register, serve
 
     main.add_command(promote)
     main.add_command(models)
+    main.add_command(gatekeeper)
+    main.add_command(register)
+    main.add_command(serve)
+    from ptycho_ml.cli.batch import batch
+
+    main.add_command(batch)
 
 
 _register_lifecycle_commands()

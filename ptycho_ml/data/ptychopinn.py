@@ -11,7 +11,11 @@ Members (amplitude = sqrt(photon counts), zero frequency at the centre):
 - optional ``objectGuess (H, W)`` complex64 (ground truth or initial guess),
   ``scan_index (M,)`` int64, ``bad_pixels (N, N)`` bool (True where the
   detector pixel is dead: masked in the loss, the network's physics estimate
-  and the refinement), ``metadata`` (a JSON string).
+  and the refinement), ``metadata`` (a JSON string);
+- optional truth of a simulated scan whose probe and positions are estimates
+  (:mod:`ptycho_ml.physics.scan_errors`): ``probeTrue (K, N, N)`` complex64,
+  ``xcoordsTrue``, ``ycoordsTrue (M,)`` float64 (read by :func:`read_true_probe_positions`,
+  ignored by reconstruction).
 
 Every reader and writer of the package uses the names below. Every problem a
 user can cause raises a one-line :class:`~ptycho_ml.errors.PtychoInputError`
@@ -43,6 +47,9 @@ OBJECT = "objectGuess"
 SCAN_INDEX = "scan_index"
 BAD_PIXELS = "bad_pixels"
 METADATA = "metadata"
+PROBE_TRUE = "probeTrue"
+X_TRUE = "xcoordsTrue"
+Y_TRUE = "ycoordsTrue"
 #: Streamed members: the patterns (read batch by batch from an HDF5 file).
 PATTERN_KEYS = (DIFFRACTION, LEGACY_DIFFRACTION)
 
@@ -55,7 +62,8 @@ def write_ptychopinn(path: str | Path, *, probe: np.ndarray, positions_px: np.nd
                      amplitude: np.ndarray | None = None,
                      amplitude_chunks: tuple[tuple[int, int, int], Callable[[], Iterator[np.ndarray]]] | None = None,
                      obj: np.ndarray | None = None, scan_index: np.ndarray | None = None,
-                     bad_pixels: np.ndarray | None = None, metadata: dict | None = None) -> Path:
+                     bad_pixels: np.ndarray | None = None, metadata: dict | None = None,
+                     probe_true: np.ndarray | None = None, positions_true_px: np.ndarray | None = None) -> Path:
     """Atomically write a byte-reproducible PtychoPINN NPZ.
 
     amplitude: ``(M, N, N) float32``; or, for scans larger than memory,
@@ -63,7 +71,9 @@ def write_ptychopinn(path: str | Path, *, probe: np.ndarray, positions_px: np.nd
     yields ``(B, N, N)`` float32 pieces in order. probe: ``(N, N)`` or
     ``(K, N, N)`` complex64. positions_px: ``(M, 2)`` float (x, y).
     obj ``(H, W)`` complex64, scan_index ``(M,)`` int64 (default zeros: one
-    object), bad_pixels ``(N, N)`` bool and metadata (JSON-safe) are optional.
+    object), bad_pixels ``(N, N)`` bool and metadata (JSON-safe) are optional;
+    so are a simulation's truth ``probe_true (K, N, N)`` complex64 and
+    ``positions_true_px (M, 2)`` float64 (when the file's probe and positions are estimates).
     """
     if (amplitude is None) == (amplitude_chunks is None):
         raise ValueError("write_ptychopinn: give exactly one of amplitude and amplitude_chunks")
@@ -80,11 +90,25 @@ def write_ptychopinn(path: str | Path, *, probe: np.ndarray, positions_px: np.nd
         arrays[BAD_PIXELS] = np.asarray(bad_pixels, bool)
     if metadata is not None:
         arrays[METADATA] = np.array(json.dumps(metadata, sort_keys=True, default=str))
+    if probe_true is not None:
+        arrays[PROBE_TRUE] = np.asarray(probe_true, np.complex64)
+    if positions_true_px is not None:
+        true_px = np.asarray(positions_true_px, np.float64)
+        arrays[X_TRUE], arrays[Y_TRUE] = true_px[:, 0], true_px[:, 1]
     chunked = None
     if amplitude_chunks is not None:
         shape, make_chunks = amplitude_chunks
         chunked = {DIFFRACTION: (tuple(shape), np.float32, make_chunks)}
     return write_npz(path, arrays, chunked=chunked)
+
+
+def read_true_probe_positions(path: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """A simulated NPZ's truth: ``probeTrue (K, N, N) complex64`` and ``(M, 2)`` float64 true positions (x, y), each None when absent."""
+    with np.load(path, allow_pickle=False) as z:
+        probe = np.asarray(z[PROBE_TRUE], np.complex64) if PROBE_TRUE in z.files else None
+        positions = (np.stack([z[X_TRUE], z[Y_TRUE]], axis=1).astype(np.float64)
+                     if X_TRUE in z.files and Y_TRUE in z.files else None)
+    return probe, positions
 
 
 def read_ptychopinn_npz(path: str) -> ScanData:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,15 +148,25 @@ def centres_box(positions_px: np.ndarray, obj_shape: tuple[int, int]) -> tuple[s
     return slice(y0, y1), slice(x0, x1)
 
 
-def dataset_fingerprint(scan: ScanData) -> dict[str, Any]:
-    """sha256 of the source file (or of the amplitudes when in memory), shape and source."""
-    digest = hashlib.sha256()
-    src = Path(scan.source)
-    if src.is_file():
-        with open(src, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                digest.update(chunk)
-    else:
-        for _, block in scan.iter_batches(4096):
-            digest.update(block.tobytes())
-    return {"sha256": digest.hexdigest(), "shape": [len(scan), scan.N, scan.N], "source": str(scan.source)}
+def dataset_fingerprint(scans: ScanData | Sequence[ScanData]) -> dict[str, Any]:
+    """sha256 of the source file (or of the amplitudes when in memory), shape and source.
+
+    For several scans (trained on together): the sha256 of their sha256s in
+    order, the total pattern count, and the sources joined by commas.
+    """
+    scans = [scans] if isinstance(scans, ScanData) else list(scans)
+    parts = []
+    for scan in scans:
+        digest = hashlib.sha256()
+        src = Path(scan.source)
+        if src.is_file():
+            with open(src, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 22), b""):
+                    digest.update(chunk)
+        else:
+            for _, block in scan.iter_batches(4096):
+                digest.update(block.tobytes())
+        parts.append(digest.hexdigest())
+    sha = parts[0] if len(parts) == 1 else hashlib.sha256("".join(parts).encode()).hexdigest()
+    N = scans[0].N
+    return {"sha256": sha, "shape": [sum(len(s) for s in scans), N, N], "source": ",".join(str(s.source) for s in scans)}

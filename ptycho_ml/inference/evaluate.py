@@ -41,16 +41,20 @@ def _require_truth(scan: ScanData, purpose: str) -> None:
 
 
 def evaluate_model(model: DiffractionToObject, scan: ScanData, refine_steps: int | None = None,
-                   progress: bool = False, threads: int = 0) -> tuple[ReconstructionResult, dict[str, float], str]:
+                   progress: bool = False, threads: int = 0,
+                   refinement: dict[str, Any] | None = None) -> tuple[ReconstructionResult, dict[str, float], str]:
     """Reconstruct ``scan`` with ``model`` and score it against the scan's ground truth.
 
     Returns ``(result, metrics, table)``: ``metrics`` has ``network_*`` keys
     (the network alone) and, when ``refine_steps`` > 0 (default: the
     inference default), ``refined_*`` keys; ``table`` is the printable text.
+    ``refinement``: more :class:`~ptycho_ml.config.InferenceConfig` fields
+    (``refine_probe``, ``refine_positions``, ``refine_intensity``, ``probe_modes``).
     """
     _require_truth(scan, "evaluate against")
     steps = InferenceConfig().refine_steps if refine_steps is None else refine_steps
-    result = reconstruct(model, scan, InferenceConfig(refine_steps=steps, progress=progress, threads=threads))
+    result = reconstruct(model, scan, InferenceConfig.from_dict({"refine_steps": steps, "progress": progress,
+                                                                 "threads": threads, **(refinement or {})}))
     metrics: dict[str, float] = {}
     lines = []
     network_s = result.timings_s.get("network_s", 0.0)
@@ -65,7 +69,8 @@ def evaluate_model(model: DiffractionToObject, scan: ScanData, refine_steps: int
 
 
 def evaluate_against_truth(data: str, reconstruction: str | None = None, model: DiffractionToObject | None = None,
-                           refine_steps: int | None = None) -> tuple[str, dict[str, Any]]:
+                           refine_steps: int | None = None,
+                           refinement: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
     """Metrics of a reconstruction of scan ``data`` against its ``objectGuess`` ground truth.
 
     Returns ``(table text, metrics dict)``. With a model, both the network-only
@@ -74,7 +79,7 @@ def evaluate_against_truth(data: str, reconstruction: str | None = None, model: 
     scan = load_scan(data)
     _require_truth(scan, "evaluate against")
     if not reconstruction:
-        _, metrics, table = evaluate_model(model, scan, refine_steps)
+        _, metrics, table = evaluate_model(model, scan, refine_steps, refinement=refinement)
         return table, metrics
     obj = read_object_h5(reconstruction)
     if obj.shape != scan.obj.shape:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,8 +23,9 @@ from ptycho_ml.data.grouping import make_groups, partition_groups
 from ptycho_ml.data.scan import ScanData
 from ptycho_ml.errors import PtychoInputError
 from ptycho_ml.model.network import DiffractionToObject
+from ptycho_ml.inference.phase_sync import synchronise_phases
 from ptycho_ml.physics.forward import intensity_of
-from ptycho_ml.physics.refine import refine_object
+from ptycho_ml.physics.refine import refine_joint
 from ptycho_ml.physics.stitching import Stitcher
 
 
@@ -42,6 +44,12 @@ class ReconstructionResult:
     timings_s: dict[str, float] = field(default_factory=dict)
     loss_history: list[float] = field(default_factory=list)
     n_patterns: int = 0
+    #: The probe ``(K, N, N) complex64`` the object was refined with (refined when asked), the
+    #: positions ``(M, 2) float64`` (x, y, px; corrected when asked) and the per-pattern
+    #: intensity scale ``(M,) float32``; None when there was no refinement.
+    probe: np.ndarray | None = None
+    positions_px: np.ndarray | None = None
+    intensity_scale: np.ndarray | None = None
 
 
 def check_compatible(model: DiffractionToObject, scan: ScanData) -> None:
@@ -53,6 +61,7 @@ def check_compatible(model: DiffractionToObject, scan: ScanData) -> None:
     """
     if scan.N != model.cfg.N:
         raise PtychoInputError(f"{scan.source}: field '{scan.patterns_field}': found {scan.N}x{scan.N} patterns, expected {model.cfg.N}x{model.cfg.N} for this model")
+    check_probe(scan)
     H, W = scan.obj_shape
     limit = limits.max_canvas_pixels()
     if H * W > limit:
@@ -61,6 +70,28 @@ def check_compatible(model: DiffractionToObject, scan: ScanData) -> None:
             f"{scan.source}: field 'xcoords/ycoords': positions span an object canvas of {H} x {W} = {H * W:.3g} pixels "
             f"(about {gib:.3g} GiB to reconstruct), expected at most {limit} pixels "
             f"(${limits.MAX_CANVAS_PIXELS_ENV} raises the limit); check the positions' units (pixels, not metres or nm)")
+
+
+def check_probe(scan: ScanData) -> None:
+    """Refuse a probe the refinement cannot start from: wrong size, NaN/Inf, or no light at all."""
+    probe, N = np.asarray(scan.probe), scan.N
+    if probe.ndim not in (2, 3) or probe.shape[-2:] != (N, N) or (probe.ndim == 3 and probe.shape[0] < 1):
+        raise PtychoInputError(f"{scan.source}: field 'probe': found shape {probe.shape}, expected ({N}, {N}) or (K, {N}, {N}) "
+                               f"matching the {N}x{N} patterns")
+    if not np.isfinite(probe).all():
+        raise PtychoInputError(f"{scan.source}: field 'probe': found NaN or Inf values, expected a finite complex probe")
+    if not np.any(probe):
+        raise PtychoInputError(f"{scan.source}: field 'probe': found all zeros, expected a probe that carries light")
+
+
+def check_refinement(scan: ScanData, cfg: InferenceConfig) -> None:
+    """Refuse refinement settings this scan cannot support (before anything is written)."""
+    if cfg.refine_steps and cfg.refine_method == "object" and cfg.refine_probe and cfg.probe_modes > len(scan):
+        raise PtychoInputError(f"{scan.source}: probe_modes: found {cfg.probe_modes} modes for {len(scan)} patterns, "
+                               f"expected at most {len(scan)} (one per pattern measured)")
+    if (cfg.refine_probe or cfg.refine_positions or cfg.refine_intensity) and cfg.refine_method != "object":
+        raise PtychoInputError(f"refine_method: found '{cfg.refine_method}' with probe/position/intensity refinement, "
+                               "expected 'object' (the joint refinement refines the object)")
 
 
 def _progress(total: int, desc: str, enabled: bool, unit: str):
@@ -110,20 +141,18 @@ def predict_patches(model: DiffractionToObject, amplitude: torch.Tensor, positio
     return out
 
 
-def network_object(model: DiffractionToObject, scan: ScanData, batch_size: int = 256,
-                   progress: bool = False, probe: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run every pattern through the network and stitch: returns ``(obj (H, W) complex64, illumination (H, W))``.
+def network_patches(model: DiffractionToObject, scan: ScanData, batch_size: int = 256, progress: bool = False,
+                    probe: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+    """Every pattern through the network, batch by batch: yields ``(patches (B, N, N) complex64, indices (B,))``.
 
     For gridsize > 1 models the scan is covered by groups of near
     neighbours (:func:`~ptycho_ml.data.grouping.partition_groups`), so each
-    pattern goes through the network about once.
+    pattern goes through the network about once; each yielded patch is its
+    own pattern's, from the group that owns it.
     """
-    check_compatible(model, scan)
     C = model.cfg.gridsize**2
-    positions = np.asarray(scan.positions_px, dtype=np.float32)
     groups, owned = partition_groups(scan.positions_px, model.cfg.gridsize)
     probe = inference_probe(model, scan) if probe is None else probe
-    stitcher = Stitcher(scan.obj_shape, intensity_of(probe))
     good = None if scan.good_pixels is None else torch.from_numpy(scan.good_pixels)
     group_batch = max(1, batch_size // C)
     with _progress(len(scan), "reconstruct", progress, unit="pattern") as bar, torch.inference_mode():
@@ -133,9 +162,39 @@ def network_object(model: DiffractionToObject, scan: ScanData, batch_size: int =
                 amp = torch.from_numpy(scan.amplitude(slice(int(members[0, 0]), int(members[-1, 0]) + 1)))[:, None]
             else:
                 amp = torch.from_numpy(scan.amplitude(members.reshape(-1))).view(len(members), C, scan.N, scan.N)
-            patches = model(amp, probe, good)[torch.from_numpy(keep)]
-            stitcher.add(patches, torch.from_numpy(positions[members[keep]]))
+            yield model(amp, probe, good)[torch.from_numpy(keep)], members[keep]
             bar.update(int(keep.sum()))
+
+
+def phase_sync_fits(scan: ScanData) -> bool:
+    """Whether the scan's patches fit in memory at once (:data:`~ptycho_ml.config.REFINE_IN_MEMORY_MAX_VALUES`
+    values), as phase synchronisation needs them; larger scans are stitched as they stream."""
+    return len(scan) * scan.N * scan.N <= limits.REFINE_IN_MEMORY_MAX_VALUES
+
+
+def network_object(model: DiffractionToObject, scan: ScanData, batch_size: int = 256,
+                   progress: bool = False, probe: torch.Tensor | None = None,
+                   phase_sync: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run every pattern through the network and stitch: returns ``(obj (H, W) complex64, illumination (H, W))``.
+
+    With ``phase_sync`` (and a scan whose patches fit in memory, :func:`phase_sync_fits`)
+    each patch's constant phase offset is first aligned with its neighbours'
+    (:func:`~ptycho_ml.inference.phase_sync.synchronise_phases`).
+    """
+    check_compatible(model, scan)
+    positions = torch.from_numpy(np.asarray(scan.positions_px, dtype=np.float32))
+    probe = inference_probe(model, scan) if probe is None else probe
+    weight = intensity_of(probe)
+    stitcher = Stitcher(scan.obj_shape, weight)
+    stream = network_patches(model, scan, batch_size, progress, probe)
+    if phase_sync and phase_sync_fits(scan):
+        patches = torch.empty(len(scan), scan.N, scan.N, dtype=torch.complex64)
+        for batch, indices in stream:
+            patches[torch.from_numpy(indices)] = batch
+        stitcher.add(synchronise_phases(patches, positions, weight), positions)
+    else:
+        for batch, indices in stream:
+            stitcher.add(batch, positions[torch.from_numpy(indices)])
     return stitcher.result(), stitcher.illumination()
 
 
@@ -174,6 +233,7 @@ def reconstruct(model: DiffractionToObject, scan: ScanData, cfg: InferenceConfig
     """Reconstruct the scan's object: network + stitching, then the configured refinement."""
     cfg = cfg or InferenceConfig()
     check_compatible(model, scan)
+    check_refinement(scan, cfg)
     threads = min(cfg.threads, available_cpu_threads()) if cfg.threads else available_cpu_threads()
     torch.set_num_threads(threads)
     model.eval()
@@ -189,13 +249,21 @@ def reconstruct(model: DiffractionToObject, scan: ScanData, cfg: InferenceConfig
     timings["network_s"] = time.perf_counter() - t1
     network_obj = obj.clone() if cfg.refine_steps else obj  # no copy of a large object unless refinement changes it
     history: list[float] = []
+    refined = None
     if cfg.refine_steps and cfg.refine_method == "object":
         t2 = time.perf_counter()
         amplitudes = refinement_amplitudes(scan)
         with _progress(cfg.refine_steps, "refine", cfg.progress, unit="pass") as bar:
-            result = refine_object(obj, scan, probe, cfg.refine_steps, amplitudes=amplitudes,
-                                   on_step=lambda i, loss: bar.update(1))
-        obj, history = result.obj, result.loss_history
+            refined = refine_joint(obj, scan, probe, cfg.refine_steps, amplitudes=amplitudes,
+                                   refine_probe=cfg.refine_probe, refine_positions=cfg.refine_positions,
+                                   refine_intensity=cfg.refine_intensity, probe_modes=cfg.probe_modes,
+                                   probe_support_px=cfg.probe_support_px, on_step=lambda i, loss: bar.update(1))
+        obj, history = refined.obj, refined.loss_history
         timings["refine_s"] = time.perf_counter() - t2
     timings["total_s"] = time.perf_counter() - t0
-    return ReconstructionResult(obj.numpy(), network_obj.numpy(), illumination.numpy(), timings, history, len(scan))
+    extra = {}
+    if refined is not None:
+        extra = {"probe": refined.probe.numpy(), "positions_px": refined.positions_px,
+                 "intensity_scale": refined.intensity_scale if cfg.refine_intensity else None}
+    return ReconstructionResult(obj.numpy(), network_obj.numpy(), illumination.numpy(), timings, history, len(scan),
+                                **extra)

@@ -29,6 +29,8 @@ ACTIVE_STAGES = ("Staging", "Production")  # the stages whose previous holder is
 KEY_METRICS = ("test_network_amplitude_ssim", "test_network_phase_ssim",
                "test_refined_amplitude_ssim", "test_refined_phase_ssim")
 POLICY_ENV = "PTYCHO_ML_POLICY"
+#: Set to 1 to load a version that fails the gate of the stage or alias it was reached through (recorded).
+ALLOW_UNGATED_ENV = "PTYCHO_ML_ALLOW_UNGATED"
 TAG_PROMOTED_AT = "ptycho_ml.promoted_at"
 TAG_PROMOTED_BY = "ptycho_ml.promoted_by"
 TAG_PROMOTED_TO = "ptycho_ml.promoted_to"
@@ -180,7 +182,66 @@ def _sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def load_model_with_provenance(uri: str, is_bundle: bool = False):
+def allow_ungated_from_env() -> bool:
+    """Whether ``$PTYCHO_ML_ALLOW_UNGATED`` asks to load versions that fail their gate (1/true/yes)."""
+    value = os.environ.get(ALLOW_UNGATED_ENV, "").strip().lower()
+    if value in ("", "0", "false", "no"):
+        return False
+    if value in ("1", "true", "yes"):
+        return True
+    raise PtychoInputError(f"${ALLOW_UNGATED_ENV}: found {value!r}, expected 1/true/yes or 0/false/no")
+
+
+#: Set by the CLI's ``--allow-ungated`` flag for the command being run (None: use the environment).
+_ALLOW_UNGATED_FLAG: dict[str, bool | None] = {"on": None}
+
+
+def set_allow_ungated(on: bool | None) -> None:
+    """The CLI's ``--allow-ungated`` for this command (``None`` falls back to ``$PTYCHO_ML_ALLOW_UNGATED``)."""
+    _ALLOW_UNGATED_FLAG["on"] = on
+
+
+def gate_target(parsed) -> str | None:
+    """The gate a ``models:/`` URI is reached through: its stage (``'Production'``), ``'@alias'``, or None.
+
+    A version number, ``latest`` or a logged-model id names one model outright: no gate.
+    """
+    if parsed is None or parsed.model_id:
+        return None
+    if parsed.alias is not None:
+        return f"@{parsed.alias}"
+    if parsed.stage is not None and parsed.stage.lower() != "latest":
+        return canonical_stage(parsed.stage)
+    return None
+
+
+def load_time_gate(version, target: str, allow_ungated: bool | None = None, client=None,
+                   policy: dict | str | os.PathLike | None = None) -> dict[str, Any]:
+    """Judge the resolved ``version`` (a ``ModelVersion``) against the policy's gate for ``target``.
+
+    Returns ``{"target", "verdict": "pass" | "overridden", "failures", "policy"}``.
+    A failure raises a one-line :class:`PtychoInputError` with the reasons,
+    unless ``allow_ungated`` (default: the CLI flag, else ``$PTYCHO_ML_ALLOW_UNGATED``):
+    then a warning is printed and the verdict ``overridden`` is returned, to be recorded.
+    """
+    rules = _as_policy(policy)
+    failures = gate_failures(_run_metrics(_client(client), version.run_id), rules, target)
+    record = {"target": target, "verdict": "pass", "failures": failures, "policy": rules["path"]}
+    if not failures:
+        return record
+    if allow_ungated is None:
+        allow_ungated = _ALLOW_UNGATED_FLAG["on"] if _ALLOW_UNGATED_FLAG["on"] is not None else allow_ungated_from_env()
+    what = f"{version.name} version {version.version} (the holder of {target})"
+    if not allow_ungated:
+        raise PtychoInputError(f"{what} fails the {target} gate: {'; '.join(failures)} (policy {rules['path']}; "
+                               f"--allow-ungated or ${ALLOW_UNGATED_ENV}=1 to use it anyway, recorded in the outputs)")
+    warnings.warn(f"{what} fails the {target} gate and is used anyway (--allow-ungated): {'; '.join(failures)}",
+                  UserWarning, stacklevel=2)
+    record["verdict"] = "overridden"
+    return record
+
+
+def load_model_with_provenance(uri: str, is_bundle: bool = False, allow_ungated: bool | None = None):
     """Load the native model and say exactly what was loaded: ``(model, provenance)``.
 
     ``uri``: a bundle file (``is_bundle``, or a name ending ``.zip``; local or ``s3://``), a directory holding
@@ -192,6 +253,12 @@ def load_model_with_provenance(uri: str, is_bundle: bool = False):
     and ``run_id`` (None where the source has none) and ``bundle_sha256``.
     A missing model, version, alias or stage holder is a one-line
     :class:`PtychoInputError` naming the URI and what the registry holds.
+
+    Reached through a stage or an alias, the resolved version must pass the
+    policy's gate for it (:func:`load_time_gate`), however it got there (UI,
+    REST, client, ``promote --force``); ``allow_ungated`` overrides a failure
+    and provenance ``gate`` records the verdict (``pass`` or ``overridden``
+    with the reasons). This is the one loader every inference path uses.
     """
     from ptycho_ml.data.storage import local_path
     from ptycho_ml.model.bundle_io import load_model_bundle
@@ -220,6 +287,9 @@ def load_model_with_provenance(uri: str, is_bundle: bool = False):
             version = _resolve_version(uri, parsed)
             provenance.update(name=version.name, version=str(version.version), run_id=version.run_id,
                               resolved_uri=f"models:/{version.name}/{version.version}")
+            target = gate_target(parsed)
+            if target is not None:
+                provenance["gate"] = load_time_gate(version, target, allow_ungated)
         elif uri.startswith("runs:/"):
             provenance["run_id"] = uri[len("runs:/"):].split("/", 1)[0]
         try:
@@ -235,8 +305,14 @@ def describe_provenance(provenance: dict) -> str:
     """``ptychopinn version 3 (run 1a2b..., bundle sha256 9f8e...)``, or the bundle path and its sha256."""
     sha = (provenance.get("bundle_sha256") or "")[:12]
     if provenance.get("version"):
+        gate = provenance.get("gate")
+        verdict = ""
+        if gate and gate["verdict"] == "overridden":
+            verdict = f"; FAILS the {gate['target']} gate, used with --allow-ungated: {'; '.join(gate['failures'])}"
+        elif gate:
+            verdict = f"; passes the {gate['target']} gate"
         return (f"{provenance['name']} version {provenance['version']} (run {provenance['run_id']}, "
-                f"bundle sha256 {sha}...) from {provenance['uri']}")
+                f"bundle sha256 {sha}...) from {provenance['uri']}{verdict}")
     run = f"run {provenance['run_id']}, " if provenance.get("run_id") else ""
     return f"{provenance['uri']} ({run}bundle sha256 {sha}...)"
 
@@ -522,6 +598,87 @@ def promote(name: str, version: str | int, *, stage: str | None = None, alias: s
     return {"name": name, "version": v, "stage": stage, "alias": alias, "archived": archived,
             "previous_alias_version": None if previous_alias is None else str(previous_alias),
             "forced": bool(failures), "failures": failures, "metrics": metrics}
+
+
+# ---------------------------------------------------------------- figures and verdicts on the version
+
+#: Version tags holding the figures a promoter judges (``ptycho_ml.<short name>``) and their run metric.
+FIGURE_TAGS = {"network_amplitude_ssim": "test_network_amplitude_ssim", "network_phase_ssim": "test_network_phase_ssim",
+               "refined_amplitude_ssim": "test_refined_amplitude_ssim", "refined_phase_ssim": "test_refined_phase_ssim",
+               "passes_saved": "test_passes_saved"}
+TAG_DATASET = "ptycho_ml.dataset_sha256"
+TAG_GATE_PREFIX = "ptycho_ml.gate."  # + "stage.Production" or "alias.champion": "pass" or "fail: <reasons>"
+TAG_JUDGED_AT = "ptycho_ml.judged_at"
+
+
+def gate_tag(target: str) -> str:
+    """``'Production'`` -> ``ptycho_ml.gate.stage.Production``; ``'@champion'`` -> ``ptycho_ml.gate.alias.champion``."""
+    return TAG_GATE_PREFIX + (f"alias.{target[1:]}" if target.startswith("@") else f"stage.{canonical_stage(target)}")
+
+
+def judge_version(name: str, version: str | int, client=None,
+                  policy: dict | str | os.PathLike | None = None) -> dict[str, Any]:
+    """The figures of a version's source run and its verdict for every gate the policy names.
+
+    Returns ``{"figures": {short name: value | None}, "dataset_sha256", "verdicts": {target: [failures]},
+    "policy"}``; targets are the policy's stages and ``@alias`` names.
+    """
+    client = _client(client)
+    rules = _as_policy(policy)
+    mv = _get_version(client, name, version)
+    metrics = _run_metrics(client, mv.run_id)
+    dataset = None
+    if mv.run_id:
+        try:
+            dataset = client.get_run(mv.run_id).data.params.get("dataset.sha256")
+        except Exception:  # a deleted run: no fingerprint to show
+            dataset = None
+    targets = [*rules["stages"], *(f"@{a}" for a in rules["aliases"])]
+    return {"figures": {short: metrics.get(metric) for short, metric in FIGURE_TAGS.items()},
+            "dataset_sha256": dataset, "verdicts": {t: gate_failures(metrics, rules, t) for t in targets},
+            "policy": rules["path"]}
+
+
+def _verdict_text(failures: list[str]) -> str:
+    return "pass" if not failures else ("fail: " + "; ".join(failures))[:5000]
+
+
+def version_description(name: str, version: str | int, judged: dict[str, Any]) -> str:
+    """A Markdown description of the version's figures and gate verdicts (shown on its registry page)."""
+    rows = [f"| {short.replace('_', ' ')} | {'-' if v is None else f'{v:.4g}'} |" for short, v in judged["figures"].items()]
+    gates = [f"| {target} | {'pass' if not fails else 'FAIL: ' + '; '.join(fails)} |"
+             for target, fails in judged["verdicts"].items()]
+    return "\n".join([
+        f"**{name} version {version}**: held-out figures of its source run and the gates of `{judged['policy']}` "
+        "(written by ptycho_ml; inference through a stage or alias re-checks the gate at load time).", "",
+        "| figure | value |", "|---|---|", *rows,
+        f"| training data sha256 | {judged['dataset_sha256'] or '-'} |", "",
+        "| gate | verdict |", "|---|---|", *gates])
+
+
+def annotate_version(name: str, version: str | int, client=None,
+                     policy: dict | str | os.PathLike | None = None) -> dict[str, Any]:
+    """Write a version's figures, data fingerprint and per-gate verdicts as version tags and its description.
+
+    Tags: ``ptycho_ml.<figure>`` (:data:`FIGURE_TAGS`), ``ptycho_ml.dataset_sha256``,
+    ``ptycho_ml.gate.stage.<Stage>`` / ``ptycho_ml.gate.alias.<alias>`` (``pass`` or
+    ``fail: <reasons>``). Only tags whose value changes are written (each write
+    is a webhook event). Returns :func:`judge_version`'s result.
+    """
+    client = _client(client)
+    judged = judge_version(name, version, client, policy)
+    mv = client.get_model_version(name, str(version))
+    wanted = {f"ptycho_ml.{short}": ("missing" if v is None else f"{v:.6g}") for short, v in judged["figures"].items()}
+    wanted[TAG_DATASET] = judged["dataset_sha256"] or "unknown"
+    wanted.update({gate_tag(t): _verdict_text(f) for t, f in judged["verdicts"].items()})
+    current = mv.tags or {}
+    for key, value in wanted.items():
+        if current.get(key) != value:
+            client.set_model_version_tag(name, str(version), key, value)
+    description = version_description(name, str(version), judged)
+    if (mv.description or "") != description:
+        client.update_model_version(name, str(version), description=description)
+    return judged
 
 
 # ---------------------------------------------------------------- list

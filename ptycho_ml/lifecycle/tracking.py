@@ -14,18 +14,21 @@ from __future__ import annotations
 
 import json
 import tempfile
+from functools import partial
 from dataclasses import asdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
+from lightning.pytorch.loggers import MLFlowLogger
 
 from ptycho_ml.config import TrainingConfig
 from ptycho_ml.data.scan import ScanData, centres_box
 from ptycho_ml.data.storage import is_s3
 from ptycho_ml.inference.outputs import write_previews
 from ptycho_ml.lifecycle.training import TrainResult, train
+from ptycho_ml.model.training import launch_rank
 
 
 def flatten_params(config: dict[str, Any], prefix: str = "cfg.") -> dict[str, str]:
@@ -50,42 +53,58 @@ def tracked_run(params: dict[str, Any] | None = None) -> Iterator[Any]:
         yield run
 
 
-def log_previews(obj: np.ndarray, scan: ScanData, artifact_dir: str, title: str) -> None:
-    """PNG previews of ``obj (H, W) complex64``, cropped to the scanned box, as artifacts of the active run."""
+def log_previews(obj: np.ndarray, scan: ScanData, artifact_dir: str, title: str,
+                 run: tuple[str, str] | None = None) -> None:
+    """PNG previews of ``obj (H, W) complex64``, cropped to the scanned box, as artifacts of the active run.
+
+    ``run``: ``(tracking URI, run id)`` to log to instead, from a process that has no active run (a ddp_spawn worker).
+    """
     import mlflow
 
     with tempfile.TemporaryDirectory() as tmp:
         write_previews(tmp, obj, title=title, region=centres_box(scan.positions_px, scan.obj_shape))
-        mlflow.log_artifacts(tmp, artifact_dir)
+        if run is None:
+            mlflow.log_artifacts(tmp, artifact_dir)
+        else:
+            mlflow.MlflowClient(tracking_uri=run[0]).log_artifacts(run[1], tmp, artifact_dir)
 
 
-def _run_logger(run_id: str):
+def _epoch_previews(run: tuple[str, str], epoch: int, obj: np.ndarray, scan: ScanData) -> None:
+    """The training run's preview sink (module level and bound by ``partial``: ddp_spawn pickles it)."""
+    log_previews(obj, scan, f"previews/epoch_{epoch:03d}", f"epoch {epoch}", run=run)
+
+
+class _RunLogger(MLFlowLogger):
     """Lightning's MLflow logger bound to the active run. The run's owner ends it, not Lightning."""
+
+    def finalize(self, status: str = "success") -> None:  # the run goes on: the model is logged after fit
+        pass
+
+
+def _run_logger(run_id: str) -> _RunLogger:
     import mlflow
-    from lightning.pytorch.loggers import MLFlowLogger
 
-    class RunLogger(MLFlowLogger):
-        def finalize(self, status: str = "success") -> None:  # the run goes on: the model is logged after fit
-            pass
-
-    return RunLogger(run_id=run_id, tracking_uri=mlflow.get_tracking_uri())
+    return _RunLogger(run_id=run_id, tracking_uri=mlflow.get_tracking_uri())
 
 
 def train_tracked(config: TrainingConfig, register_as: str | None) -> tuple[TrainResult, Any, str]:
     """:func:`~ptycho_ml.lifecycle.training.train` inside an MLflow run; returns ``(result, model info, run id)``.
 
     ``register_as``: the registered model name the logged model becomes a new
-    version of (empty: log only).
+    version of (empty: log only). Under several processes only rank 0 opens
+    the run, logs and registers; the others return ``(result, None, None)``
+    with ``result.is_global_zero`` False.
     """
     import mlflow
 
     from ptycho_ml import flavor
 
+    if launch_rank(config) != 0:  # another process of a multi-process run: it trains; rank 0 tracks
+        return train(config), None, None
     with tracked_run(flatten_params(config.to_dict())) as run:
         mlflow.set_tag("ptycho_ml.backend", "torch")
         result = train(config, loggers=[_run_logger(run.info.run_id)],
-                       preview_sink=lambda epoch, obj, scan: log_previews(obj, scan, f"previews/epoch_{epoch:03d}",
-                                                                          f"epoch {epoch}"))
+                       preview_sink=partial(_epoch_previews, (mlflow.get_tracking_uri(), run.info.run_id)))
         mlflow.log_params({"dataset.sha256": result.dataset["sha256"], "dataset.shape": json.dumps(result.dataset["shape"]),
                            "dataset.source": result.dataset["source"],
                            "model.n_parameters": str(result.model_summary["n_parameters"])})
@@ -99,6 +118,10 @@ def train_tracked(config: TrainingConfig, register_as: str | None) -> tuple[Trai
         # Logged after the model, linked to it: the run and the logged model's page both show them.
         mlflow.log_metrics({"flops_per_pattern": result.model_summary["flops_per_pattern"],
                             "train_time_s": result.elapsed_s, **result.metrics}, model_id=info.model_id)
+        if register_as:  # the version's figures and gate verdicts, as tags and description (registry page)
+            from ptycho_ml.lifecycle.registry import annotate_version
+
+            annotate_version(register_as, info.registered_model_version)
         return result, info, run.info.run_id
 
 

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import numpy as np
 import torch
 
@@ -65,37 +66,68 @@ def default_data(output_dir: Path, N: int = 64, seed: int = 0) -> tuple[str, str
     return paths[0], paths[1]
 
 
-def _training_data(config: TrainingConfig) -> tuple[ScanData, ScanData | None]:
-    """The training scan (subsampled to ``max_patterns``) and the held-out scan, checked against each other."""
+def _training_data(config: TrainingConfig) -> tuple[list[ScanData], ScanData | None]:
+    """The training scans and the held-out scan, checked against each other.
+
+    ``config.data`` names one scan, or several separated by commas (each with
+    its own probe; the first is the reference). ``max_patterns`` caps the
+    total, shared equally among the scans (seeded subsets).
+    """
     data_path, test_path = config.data, config.test_data
     if not data_path:
         data_path, default_test = default_data(Path(config.output_dir), N=config.model.N, seed=config.seed)
         test_path = test_path or default_test
-    scan = load_scan(data_path)
+    scans = [load_scan(p.strip()) for p in data_path.split(",") if p.strip()]
     test_scan = load_scan(test_path) if test_path else None
-    if config.max_patterns and config.max_patterns < len(scan):
-        keep = np.random.default_rng(config.seed).choice(len(scan), config.max_patterns, replace=False)
-        scan = scan.subset(keep)
-    if test_scan is not None and test_scan.N != scan.N:
-        raise PtychoInputError(f"{test_scan.source}: field '{test_scan.patterns_field}': found {test_scan.N}x{test_scan.N} patterns, expected {scan.N}x{scan.N} like the training data")
-    return scan, test_scan
+    if config.max_patterns:
+        share = max(1, config.max_patterns // len(scans))
+        rng = np.random.default_rng(config.seed)
+        scans = [s.subset(np.sort(rng.choice(len(s), share, replace=False))) if share < len(s) else s for s in scans]
+    for other in [*scans[1:], test_scan]:
+        if other is not None and other.N != scans[0].N:
+            raise PtychoInputError(f"{other.source}: field '{other.patterns_field}': found {other.N}x{other.N} patterns, expected {scans[0].N}x{scans[0].N} like the training data")
+    return scans, test_scan
 
 
-def _preview_callback(test_scan: ScanData, every: int, sink: PreviewSink):
-    """Every ``every`` epochs, a network reconstruction of the held-out scan goes to ``sink`` (rank 0 only)."""
-    import lightning as L
+class _Previews(L.Callback):
+    """Every ``every`` epochs, a network reconstruction of the held-out scan goes to ``sink`` (rank 0 only).
 
-    class Previews(L.Callback):
-        def on_train_epoch_end(self, trainer, pl_module):  # runs after the epoch's validation
-            epoch = trainer.current_epoch + 1
-            if trainer.is_global_zero and epoch % every == 0:
-                model = pl_module.model
-                was_training = model.training
-                obj, _ = network_object(model.eval(), test_scan, progress=False)
-                model.train(was_training)
-                sink(epoch, obj.numpy(), test_scan)
+    Module level, with a picklable ``sink``: ddp_spawn pickles the callbacks into its workers.
+    """
 
-    return Previews()
+    def __init__(self, test_scan: ScanData, every: int, sink: PreviewSink):
+        self.test_scan, self.every, self.sink = test_scan, every, sink
+
+    def on_train_epoch_end(self, trainer, pl_module):  # runs after the epoch's validation
+        epoch = trainer.current_epoch + 1
+        if trainer.is_global_zero and epoch % self.every == 0:
+            model = pl_module.model
+            was_training = model.training
+            obj, _ = network_object(model.eval(), self.test_scan, progress=False)
+            model.train(was_training)
+            self.sink(epoch, obj.numpy(), self.test_scan)
+
+
+def _preview_callback(test_scan: ScanData, every: int, sink: PreviewSink) -> _Previews:
+    return _Previews(test_scan, every, sink)
+
+
+def held_out_figures(model: DiffractionToObject, test_scan: ScanData, refine_steps: int | None = None,
+                     progress: bool = False, threads: int = 0
+                     ) -> tuple[ReconstructionResult, dict[str, float], WarmStart | None]:
+    """The held-out figures a training run logs: ``(reconstruction, {test_*: value}, warm start)``.
+
+    ``test_network_*`` and ``test_refined_*`` from :func:`evaluate_model`; unless
+    ``refine_steps`` is 0, the warm start (``test_passes_saved``, ...) from the same network pass.
+    ``ptycho-ml register --metrics-from-data`` scores a bundle with this too.
+    """
+    recon, scores, _ = evaluate_model(model, test_scan, refine_steps, progress=progress, threads=threads)
+    metrics = {f"test_{k}": v for k, v in scores.items()}
+    warm = None
+    if refine_steps is None or refine_steps > 0:  # what the network saves the refinement
+        warm = warm_start(model, test_scan, network=recon)
+        metrics.update({f"test_{k}": v for k, v in warm.figures().items()})
+    return recon, metrics, warm
 
 
 def train(config: TrainingConfig, loggers: list[Any] | None = None, preview_sink: PreviewSink | None = None,
@@ -118,28 +150,24 @@ def train(config: TrainingConfig, loggers: list[Any] | None = None, preview_sink
     torch.set_num_threads(threads)
     if config.quiet:
         quiet_lightning()
-    scan, test_scan = _training_data(config)
+    scans, test_scan = _training_data(config)
     callbacks = []
     if preview_sink is not None and test_scan is not None and config.preview_every_n_epochs > 0:
         callbacks.append(_preview_callback(test_scan, config.preview_every_n_epochs, preview_sink))
-    fitted = fit(config, scan, loggers, callbacks)
+    fitted = fit(config, scans, loggers, callbacks)
     if not fitted.is_global_zero:  # under DDP only rank 0 evaluates and writes the bundle
         return TrainResult(Path(config.output_dir) / "wts.h5.zip", fitted.model, fitted.history, {},
                            fitted.amplitude_scale, fitted.n_train, fitted.n_val, time.perf_counter() - t_start, {},
                            test_scan, is_global_zero=False)
     model = fitted.model
-    fingerprint = dataset_fingerprint(scan)
+    fingerprint = dataset_fingerprint(scans)
     summary = {"n_parameters": count_parameters(model.generator), "flops_per_pattern": flops_per_pattern(model)}
     result_metrics: dict[str, float] = {}
     test_recon = None
     warm = None
     if test_scan is not None and test_scan.obj is not None:
-        test_recon, scores, _ = evaluate_model(model, test_scan, evaluate_refine_steps, progress=not config.quiet,
-                                               threads=threads)
-        result_metrics = {f"test_{k}": v for k, v in scores.items()}
-        if evaluate_refine_steps is None or evaluate_refine_steps > 0:  # what the network saves the refinement
-            warm = warm_start(model, test_scan, network=test_recon)
-            result_metrics.update({f"test_{k}": v for k, v in warm.figures().items()})
+        test_recon, result_metrics, warm = held_out_figures(model, test_scan, evaluate_refine_steps,
+                                                            progress=not config.quiet, threads=threads)
     elif test_scan is not None:  # no ground truth: reconstruct for the previews only
         steps = InferenceConfig().refine_steps if evaluate_refine_steps is None else evaluate_refine_steps
         test_recon = reconstruct(model, test_scan, InferenceConfig(refine_steps=steps, progress=not config.quiet,

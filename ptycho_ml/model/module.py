@@ -15,51 +15,62 @@ from ptycho_ml.model.network import DiffractionToObject
 
 def physics_step(model: DiffractionToObject, amplitude: torch.Tensor, offsets_px: torch.Tensor,
                  loss_kind: str, good_pixels: torch.Tensor | None = None,
-                 target_patches: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 target_patches: torch.Tensor | None = None,
+                 probe: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One PINN step shared by training, validation and on-scan fine-tuning.
 
     amplitude ``(B, C, N, N)`` float32 measured amplitudes (counts scale),
-    offsets_px ``(B, C, 2)`` positions relative to each group's centre.
-    Returns ``(loss, patches (B, C, N, N) complex64)``. With C > 1 the
-    predicted patches are merged in a shared canvas and re-extracted (the
-    overlap constraint) before the forward model.
+    offsets_px ``(B, C, 2)`` positions relative to each group's centre,
+    probe ``(N, N)``/``(K, N, N)`` for the whole batch or ``(B, 1, N, N)``
+    per group (default: the model's own). Returns ``(loss, patches (B, C, N, N)
+    complex64)``. With C > 1 the predicted patches are merged in a shared
+    canvas and re-extracted (the overlap constraint) before the forward model.
     """
-    patches = model(amplitude, good_pixels=good_pixels)
+    probe = model.probe if probe is None else probe
+    intensity = physics.intensity_of(probe)
+    patches = model(amplitude, probe, good_pixels)
     if patches.shape[1] > 1:
-        patches = physics.merge_group(patches, offsets_px, model.probe_intensity())
+        patches = physics.merge_group(patches, offsets_px, intensity)
     if loss_kind == "supervised":
         if target_patches is None:
             raise ValueError("supervised loss needs ground-truth patches")
-        weight = model.probe_intensity() / model.probe_intensity().max()
+        weight = intensity / intensity.amax(dim=(-2, -1), keepdim=True)
         return ((patches - target_patches).abs().square() * weight).mean(), patches
-    predicted = physics.far_field_amplitude(model.probe, patches)
+    predicted = physics.far_field_amplitude(probe, patches)
     return losses.LOSSES[loss_kind](predicted, amplitude, good_pixels), patches
 
 
 class PtychoLitModule(L.LightningModule):
     """Trains :class:`DiffractionToObject` with the physics loss (Poisson NLL by default).
 
-    Batches are ``(amplitude (B, C, N, N), offsets_px (B, C, 2)[, target (B, C, N, N) complex])``.
+    Batches are ``(amplitude (B, C, N, N), offsets_px (B, C, 2), probe_index (B,)[, target (B, C, N, N) complex])``.
+    ``probes`` ``(S, N, N)`` complex64: one probe per training scan (the
+    bank ``probe_index`` points into); None: one scan, whose probe is ``probe``.
+    ``probe`` is the model's reference probe (kept in the bundle).
     Hyper-parameters are plain dicts so checkpoints load with ``weights_only=True``.
     """
 
     def __init__(self, model_config: dict, probe: torch.Tensor, amplitude_scale: float,
                  loss: str = "poisson", learning_rate: float = 2e-3, weight_decay: float = 0.0,
-                 lr_schedule: str = "cosine", max_epochs: int = 30, good_pixels: torch.Tensor | None = None):
+                 lr_schedule: str = "cosine", max_epochs: int = 30, good_pixels: torch.Tensor | None = None,
+                 probes: torch.Tensor | None = None):
         super().__init__()
         self.save_hyperparameters({"model_config": model_config, "loss": loss, "learning_rate": learning_rate,
                                    "weight_decay": weight_decay, "lr_schedule": lr_schedule,
                                    "max_epochs": max_epochs, "amplitude_scale": float(amplitude_scale)})
         self.model = DiffractionToObject(ModelConfig.from_dict(model_config), probe, amplitude_scale)
         self.register_buffer("good_pixels", good_pixels if good_pixels is not None else torch.ones(0, dtype=torch.bool))
+        bank = probes.to(torch.complex64) if probes is not None else torch.zeros(0, dtype=torch.complex64)
+        self.register_buffer("probes", bank)
 
     def _mask(self) -> torch.Tensor | None:
         return self.good_pixels if self.good_pixels.numel() else None
 
     def _step(self, batch: Any, stage: str) -> torch.Tensor:
-        amplitude, offsets = batch[0], batch[1]
-        target = batch[2] if len(batch) > 2 else None
-        loss, _ = physics_step(self.model, amplitude, offsets, self.hparams.loss, self._mask(), target)
+        amplitude, offsets, probe_index = batch[0], batch[1], batch[2]
+        target = batch[3] if len(batch) > 3 else None
+        probe = self.probes[probe_index][:, None] if self.probes.numel() else None  # (B, 1, N, N): each group's own
+        loss, _ = physics_step(self.model, amplitude, offsets, self.hparams.loss, self._mask(), target, probe)
         # sync_dist: epoch means are reduced across processes under DDP (a no-op on one).
         self.log(f"{stage}_loss", loss, prog_bar=True, on_epoch=True, on_step=False, batch_size=amplitude.shape[0],
                  sync_dist=True)

@@ -124,15 +124,18 @@ class DiffractionToObject(nn.Module):
         """amplitude ``(B, C, N, N)`` float32 (counts scale) -> object patches ``(B, C, N, N)`` complex64.
 
         ``probe`` ``(N, N)``/``(K, N, N)``: the scan's own probe when it has
-        one (the estimate is then in object units whatever the dose);
+        one (the estimate is then in object units whatever the dose), or
+        ``(B, 1, N, N)``, one per item (training on several scans);
         default: the training probe. ``good_pixels (N, N)`` bool masks bad
         detector pixels out of the physics estimate.
         """
         probe = self.probe if probe is None else probe
         with torch.no_grad():  # physics features: no learnable parameters, no gradient needed
             estimate = physics.single_pattern_estimate(amplitude, probe, self.cfg.input_iterations, good_pixels)
-        weight = physics.intensity_of(probe) / physics.intensity_of(probe).max()
-        features = torch.cat([estimate.real, estimate.imag, weight.expand(amplitude.shape[0], 1, *weight.shape)], dim=1)
+        intensity = physics.intensity_of(probe)  # (N, N), or (B, 1, N, N) for per-item probes
+        weight = intensity / intensity.amax(dim=(-2, -1), keepdim=True)
+        features = torch.cat([estimate.real, estimate.imag, weight.expand(amplitude.shape[0], 1, *amplitude.shape[-2:])],
+                             dim=1)
         log_gain, phase_shift = self.generator(features)
         # Residual output: the network corrects the physics estimate.
         amplitude_out = (estimate.abs().clamp(min=1e-3) * torch.exp(log_gain)).clamp(max=self.cfg.amplitude_max)

@@ -8,6 +8,13 @@ set by how brightly it was just seen, as in PIE-family solvers) with Nesterov
 momentum, which carries the slowly converging low spatial frequencies
 (notably the phase) much faster than plain steps. Memory is the object plus
 one batch.
+
+:func:`refine_joint` refines, with the object, what a real scan only
+estimates: the probe (K incoherent modes, orthogonalised, its power held at
+the start probe's, optional support), the positions (Gauss-Newton shifts
+from the object's gradient, bounded per step and in total, started once the
+object has settled) and a per-pattern intensity scale (flux). With all of
+them off it is :func:`refine_object`.
 """
 
 from __future__ import annotations
@@ -23,11 +30,20 @@ from ptycho_ml.physics.losses import poisson_nll
 from ptycho_ml.data.scan import ScanData
 
 
-
 @dataclass
 class RefineResult:
     obj: torch.Tensor  # (H, W) complex64
     loss_history: list[float] = field(default_factory=list)  # mean Poisson deviance/2 per pixel, per step
+
+
+@dataclass
+class JointRefineResult(RefineResult):
+    """:class:`RefineResult` plus the refined probe ``(K, N, N) complex64``, positions ``(M, 2) float64``
+    (x, y, px) and per-pattern intensity scale ``(M,) float32`` (ones unless refined)."""
+
+    probe: torch.Tensor | None = None
+    positions_px: np.ndarray | None = None
+    intensity_scale: np.ndarray | None = None
 
 
 def refine_object(obj: torch.Tensor, scan: ScanData, probe: torch.Tensor, steps: int, *,
@@ -41,39 +57,275 @@ def refine_object(obj: torch.Tensor, scan: ScanData, probe: torch.Tensor, steps:
     float32 may be passed when the scan is already in memory (otherwise each
     mini-batch is read from the scan). Bad detector pixels are excluded.
     ``loss_history`` holds the mean Poisson deviance/2 per pixel of each pass.
+    The probe and positions stay fixed (:func:`refine_joint` with nothing else refined).
+    """
+    result = refine_joint(obj, scan, probe, steps, batch_size=batch_size, step_size=step_size, momentum=momentum,
+                          regularisation=regularisation, eps_counts=eps_counts, seed=seed, amplitudes=amplitudes,
+                          on_step=on_step)
+    return RefineResult(result.obj, result.loss_history)
+
+
+# --------------------------------------------------------------------------
+# Probe modes
+
+
+def orthogonalise_modes(probe: torch.Tensor) -> torch.Tensor:
+    """Incoherent modes ``(K, N, N)`` complex -> orthogonal modes, strongest first.
+
+    A unitary mix of the modes (eigenvectors of their Gram matrix): the summed
+    intensity, hence the forward model and the total power, is unchanged.
+    """
+    K = probe.shape[0]
+    if K == 1:
+        return probe
+    A = probe.reshape(K, -1).to(torch.complex128)
+    gram = A.conj() @ A.T  # (K, K) Hermitian: <mode_i, mode_j>
+    power, vectors = torch.linalg.eigh(gram)
+    modes = vectors.T @ A  # rows: orthogonal modes, power ascending
+    return modes.flip(0).reshape(probe.shape).to(probe.dtype)
+
+
+def initial_modes(probe: torch.Tensor, modes: int, extra_power: float = 0.05) -> torch.Tensor:
+    """``(modes, N, N) complex64`` from a probe ``(N, N)`` or ``(K, N, N)``, total power kept.
+
+    Missing modes start as the first mode times low-order ramps (x, y, xy,
+    x² − y², …) with ``extra_power`` of the power each, so that the data can
+    grow them; surplus modes are merged away (the strongest are kept).
+    """
+    probe = probe if probe.ndim == 3 else probe[None]
+    probe = probe.to(torch.complex64)
+    power = float(physics.intensity_of(probe).sum())
+    probe = orthogonalise_modes(probe)[:modes]
+    N = probe.shape[-1]
+    if probe.shape[0] < modes:
+        yy, xx = torch.meshgrid(torch.arange(N) - N / 2, torch.arange(N) - N / 2, indexing="ij")
+        xx, yy = xx / (N / 4), yy / (N / 4)
+        ramps = [xx, yy, xx * yy, xx**2 - yy**2, xx**2 + yy**2 - 1, xx * (xx**2 + yy**2), yy * (xx**2 + yy**2)]
+        first = probe[0]
+        extra = []
+        for ramp in ramps[:modes - probe.shape[0]]:
+            mode = first * ramp
+            extra.append(mode * (extra_power * power / float(physics.intensity_of(mode).sum())) ** 0.5)
+        probe = orthogonalise_modes(torch.cat([probe, torch.stack(extra)]))
+    return probe * (power / float(physics.intensity_of(probe).sum())) ** 0.5
+
+
+def _support(N: int, radius_px: float) -> torch.Tensor | None:
+    """Circular probe support ``(N, N)`` float32 of ``radius_px`` about the centre (None for radius 0)."""
+    if radius_px <= 0:
+        return None
+    yy, xx = torch.meshgrid(torch.arange(N) - N / 2, torch.arange(N) - N / 2, indexing="ij")
+    return (xx.square() + yy.square() <= radius_px**2).to(torch.float32)
+
+
+# --------------------------------------------------------------------------
+# Joint refinement
+
+
+def refine_joint(obj: torch.Tensor, scan: ScanData, probe: torch.Tensor, steps: int, *,
+                 refine_probe: bool = False, refine_positions: bool = False, refine_intensity: bool = False,
+                 probe_modes: int | None = None, probe_support_px: float = 0.0,
+                 probe_start: int | None = None, positions_start: int | None = None,
+                 probe_rate: float = 1.0, position_rate: float = 1.0,
+                 max_position_step_px: float = 0.5, max_position_correction_px: float | None = None,
+                 batch_size: int = 128, step_size: float = 0.4, momentum: float = 0.9,
+                 regularisation: float = 0.05, eps_counts: float = 0.5, seed: int = 0,
+                 amplitudes: torch.Tensor | None = None, object_ramp_gauge: bool = True,
+                 on_step: Callable[[int, float], None] | None = None) -> JointRefineResult:
+    """Refine the object and, as asked, the probe, the positions and a per-pattern intensity scale.
+
+    obj ``(H, W) complex64``; probe ``(N, N)`` or ``(K, N, N)`` complex64;
+    the scan's positions are the start. Every mini-batch takes one step of
+    each refined quantity from the same Poisson likelihood gradient:
+
+    * object: as :func:`refine_object` (illumination-preconditioned, Nesterov);
+    * probe (from pass ``probe_start``, default ``steps // 10``): a step
+      preconditioned by the batch's summed object intensity (ePIE-like),
+      ``probe_rate`` of the Newton step; then the support (radius
+      ``probe_support_px``, 0 = none) and the power constraint (Σ|P|² held
+      at the start probe's, which :func:`ptycho_ml.inference.reconstruct.inference_probe`
+      checked against the measured counts); modes (``probe_modes``, default
+      the probe's own) are orthogonalised after every pass;
+    * positions (from pass ``positions_start``, default ``steps // 3``, when
+      the object has settled): a Gauss-Newton shift per pattern from the
+      object's gradient, ``position_rate`` of it, at most
+      ``max_position_step_px`` per step; the total correction is bounded by
+      ``max_position_correction_px`` (default N/8) and its mean is removed
+      (a common shift of all positions only moves the object);
+    * intensity scale: the Poisson maximum-likelihood scale of each pattern's
+      counts (Σ measured / Σ predicted), mean held at 1.
+
+    With nothing else refined this is the object refinement alone (the same
+    arithmetic as before the joint refinement existed).
     """
     obj = obj.detach().to(torch.complex64).clone()
+    start_obj = None  # the object when the probe starts to move: its phase ramp is kept (a gauge)
+    seen = None  # (H, W) coverage weights of the phase-ramp gauge, made when first needed
+    start_probe = probe.detach().to(torch.complex64)
+    positions0 = np.asarray(scan.positions_px, dtype=np.float64)
+    M = len(positions0)
+    if refine_probe:
+        probe = initial_modes(start_probe, probe_modes or (start_probe.shape[0] if start_probe.ndim == 3 else 1))
+    else:
+        probe = start_probe
     if steps <= 0:
-        return RefineResult(obj)
+        return JointRefineResult(obj, [], probe if probe.ndim == 3 else probe[None], positions0.copy(), np.ones(M, np.float32))
     N = probe.shape[-1]
-    positions = torch.from_numpy(np.asarray(scan.positions_px, dtype=np.float32))
+    positions = torch.from_numpy(positions0.astype(np.float32))
     good = None if scan.good_pixels is None else torch.from_numpy(scan.good_pixels).to(torch.float32)
     intensity = physics.intensity_of(probe)
-    M = len(positions)
     generator = torch.Generator().manual_seed(seed)
     velocity = torch.zeros_like(obj)
     history: list[float] = []
+    joint = refine_probe or refine_positions or refine_intensity
+    probe_start = max(1, steps // 10) if probe_start is None else probe_start
+    positions_start = max(1, steps // 3) if positions_start is None else positions_start
+    bound_px = N / 8 if max_position_correction_px is None else max_position_correction_px
+    target_power = float(intensity.sum())
+    support = _support(N, probe_support_px)
+    H, W = obj.shape
+    lower = torch.tensor([N / 2, N / 2], dtype=torch.float32)
+    upper = torch.tensor([W - N / 2 - 1, H - N / 2 - 1], dtype=torch.float32)
+    scale = torch.ones(M, dtype=torch.float32)
     for step in range(steps):
         # Full steps for most passes, then a linear decay over the last quarter: the
         # mini-batch noise is averaged out instead of left in the object.
         tail = max(1, steps // 4)
-        rate = step_size * min(1.0, 0.2 + 0.8 * (steps - 1 - step) / tail)
+        decay = min(1.0, 0.2 + 0.8 * (steps - 1 - step) / tail)
+        rate = step_size * decay
         total = 0.0
+        probe_on = refine_probe and step >= probe_start
+        positions_on = refine_positions and step >= positions_start
+        scale_on = refine_intensity and step >= probe_start
+        if probe_on and start_obj is None:
+            start_obj = obj.clone()
         for batch in torch.randperm(M, generator=generator).split(batch_size):
             batch = batch.sort().values  # increasing indices: cheap reads from HDF5/NPZ
             amp = amplitudes[batch] if amplitudes is not None else torch.from_numpy(scan.amplitude(batch.numpy()))
             lookahead = (obj + momentum * velocity).requires_grad_(True)
-            pred = physics.forward_amplitude(lookahead, probe, positions[batch])
-            loss = poisson_nll(pred, amp, good, eps_counts, reduction="sum")
-            (grad,) = torch.autograd.grad(loss, lookahead)
-            illumination = physics.insert_patches(intensity.expand(len(batch), N, N), positions[batch], obj.shape)
+            if not joint:
+                pred = physics.forward_amplitude(lookahead, probe, positions[batch])
+                loss = poisson_nll(pred, amp, good, eps_counts, reduction="sum")
+                (grad,) = torch.autograd.grad(loss, lookahead)
+                illumination = physics.insert_patches(intensity.expand(len(batch), N, N), positions[batch], obj.shape)
+            else:
+                grad, loss, illumination = _joint_batch(
+                    lookahead, obj, probe, start_probe, positions, batch, amp, good, eps_counts, scale, probe_on, positions_on,
+                    scale_on, probe_rate * decay, position_rate * decay, max_position_step_px, support,
+                    target_power, regularisation)
+                probe = probe.detach()
+                intensity = physics.intensity_of(probe)
             # Preconditioner: the inverse illumination, floored so dim edges do not take huge steps.
             # torch's complex gradient is 2 dL/d(conj z), and the Poisson gradient is about twice
             # the amplitude-loss one near the solution, hence /4.
             velocity = momentum * velocity - rate * grad / (4 * (illumination + regularisation * illumination.max()))
             obj = (obj + velocity).detach()
             total += float(loss.detach())
+        if probe_on and probe.ndim == 3:
+            probe.copy_(orthogonalise_modes(probe))
+        if probe_on and object_ramp_gauge:
+            if seen is None:
+                seen = _coverage(positions, intensity, obj.shape)
+            obj = _remove_phase_ramp(obj[None], start_obj[None], seen)[0]
+        if positions_on:
+            # Gauge: no common shift; bound: each correction within bound_px of the start.
+            correction = positions.double() - torch.from_numpy(positions0)
+            correction -= correction.mean(0)
+            norm = correction.norm(dim=1, keepdim=True).clamp(min=1e-12)
+            correction = correction * (bound_px / norm).clamp(max=1.0)
+            positions.copy_((torch.from_numpy(positions0) + correction).float())
+            torch.maximum(positions, lower, out=positions)
+            torch.minimum(positions, upper, out=positions)
+        if scale_on:
+            scale /= scale.mean()
         history.append(total / (M * N * N))
         if on_step is not None:
             on_step(step, history[-1])
-    return RefineResult(obj, history)
+    final_probe = probe if probe.ndim == 3 else probe[None]
+    final_positions = positions.double().numpy() if refine_positions else positions0.copy()  # untouched: exact
+    return JointRefineResult(obj, history, final_probe, final_positions, scale.numpy())
+
+
+def _remove_phase_ramp(field: torch.Tensor, start: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Take out of ``field (K, H, W)`` the linear phase ramp its first layer gained over ``start``'s first layer.
+
+    A ramp ``exp(i k·r)`` on the probe and ``exp(-i k·r)`` on the object give
+    the same data (the object's ramp is a constant phase per pattern), and a
+    ramp on the object alone changes the data only by shifting each pattern a
+    small fraction of a pixel: left free, both drift along it while the probe
+    is refined and tilt the object's phase. ``weight (H, W)``: where the change
+    counts (e.g. the illumination); by default its own magnitude.
+    """
+    first = field.reshape(-1, *field.shape[-2:])[0]
+    ref = start.reshape(-1, *start.shape[-2:])[0]
+    change = first * ref.conj()  # (H, W): the phase change, weighted by brightness
+    if weight is not None:
+        change = change / change.abs().clamp(min=1e-12) * weight
+    k_x = torch.angle((change[:, 1:] * change[:, :-1].conj()).sum())
+    k_y = torch.angle((change[1:, :] * change[:-1, :].conj()).sum())
+    H, W = field.shape[-2:]
+    ramp = torch.polar(torch.ones(H, W), -(k_x * (torch.arange(W) - W / 2)[None, :] + k_y * (torch.arange(H) - H / 2)[:, None]))
+    return field * ramp
+
+
+def _coverage(positions: torch.Tensor, intensity: torch.Tensor, shape: tuple[int, int], chunk: int = 1024) -> torch.Tensor:
+    """``(H, W)`` float32: the probe intensity summed over every position (how well each pixel is seen)."""
+    out = torch.zeros(shape, dtype=torch.float32)
+    N = intensity.shape[-1]
+    for start in range(0, len(positions), chunk):
+        pos = positions[start:start + chunk]
+        physics.insert_patches(intensity.expand(len(pos), N, N).contiguous(), pos, shape, out=out)
+    return out
+
+
+def _joint_batch(lookahead, obj, probe, start_probe, positions, batch, amp, good, eps_counts, scale, probe_on,
+                 positions_on, scale_on, probe_rate, position_rate, max_step_px, support, target_power, regularisation):
+    """One mini-batch of :func:`refine_joint`: returns ``(object gradient, loss, illumination)``.
+
+    Updates ``probe`` (in place), ``positions[batch]`` and ``scale[batch]``.
+    """
+    N = probe.shape[-1]
+    pos = positions[batch]
+    s = scale[batch][:, None, None]
+    probe_var = probe.detach().requires_grad_(probe_on)
+    patches = physics.extract_patches(lookahead, pos, N)  # (B, N, N)
+    unscaled = physics.far_field_amplitude(probe_var, patches)
+    if scale_on:  # Poisson ML scale of each pattern: sum of measured / sum of predicted counts
+        with torch.no_grad():
+            weight = 1.0 if good is None else good
+            measured = (amp.square() * weight).sum((-2, -1))
+            predicted = (unscaled.square() * weight).sum((-2, -1)).clamp(min=1e-12)
+            scale[batch] = (measured / predicted).clamp(0.1, 10.0)
+            s = scale[batch][:, None, None]
+    pred = unscaled * s.sqrt()
+    loss = poisson_nll(pred, amp, good, eps_counts, reduction="sum")
+    inputs = [lookahead] + ([probe_var] if probe_on else []) + ([patches] if positions_on else [])
+    grads = torch.autograd.grad(loss, inputs)
+    grad = grads[0]
+    intensity = physics.intensity_of(probe)
+    illumination = physics.insert_patches(intensity * s, pos, obj.shape)
+    with torch.no_grad():
+        if positions_on:
+            g_patch = grads[-1]  # (B, N, N): 2 dL/d(conj patch)
+            window = physics.extract_patches(obj, pos, N + 2)  # the patch with a one-pixel border
+            d_x = (window[:, 1:-1, 2:] - window[:, 1:-1, :-2]) / 2
+            d_y = (window[:, 2:, 1:-1] - window[:, :-2, 1:-1]) / 2
+            lit = intensity * s  # (B, N, N)
+            shift = []
+            for d in (d_x, d_y):
+                slope = (g_patch.conj() * d).real.sum((-2, -1))
+                curvature = 4 * (lit * (d.real.square() + d.imag.square())).sum((-2, -1))
+                shift.append(-slope / (curvature + 1e-3 * float(curvature.max()) + 1e-12))
+            delta = position_rate * torch.stack(shift, dim=1)  # (B, 2) (x, y)
+            delta = delta * (max_step_px / delta.norm(dim=1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0)
+            positions[batch] = pos + delta
+        if probe_on:
+            g_probe = grads[1]  # (K, N, N)
+            lit_obj = ((patches.detach().real.square() + patches.detach().imag.square()) * s).sum(0)  # (N, N)
+            updated = probe - probe_rate * g_probe / (4 * (lit_obj + regularisation * lit_obj.max()))
+            if support is not None:
+                updated = updated * support
+            updated = _remove_phase_ramp(updated, start_probe)
+            updated = updated * (target_power / float(physics.intensity_of(updated).sum())) ** 0.5
+            probe.copy_(updated.reshape(probe.shape))
+    return grad, loss, illumination

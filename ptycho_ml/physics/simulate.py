@@ -68,7 +68,51 @@ def siemens_map(size: int, rng: np.random.Generator, spokes: int | None = None) 
     return _normalise(ndimage.gaussian_filter(np.clip(star * (radius > 2) + rings * (star < 0.5), 0, 1), 0.7))
 
 
-FAMILIES = {"lines": lines_map, "grf": grf_map, "siemens": siemens_map}
+def dead_leaves_map(size: int, rng: np.random.Generator, n_shapes: int | None = None) -> np.ndarray:
+    """Dead leaves: overlapping opaque discs, ellipses and polygons of random grey level, with power-law sizes,
+    ``(size, size)`` in [0, 1]. Occlusion and a 1/r³ size law give the edges and scale invariance of natural
+    images (a procedural stand-in: no photograph is ever training data)."""
+    n_shapes = n_shapes or size * size // 10
+    out = np.full((size, size), rng.uniform(0, 1))
+    r_min, r_max = 1.0, size / 4
+    # Inverse-CDF draw from p(r) ~ r^-3 on [r_min, r_max].
+    u = rng.uniform(0, 1, n_shapes)
+    radii = 1 / np.sqrt(1 / r_min**2 - u * (1 / r_min**2 - 1 / r_max**2))
+    for r in radii:
+        cx, cy = rng.uniform(-r, size + r, 2)
+        angle, aspect, grey, shade = rng.uniform(0, np.pi), rng.uniform(0.3, 1.0), rng.uniform(0, 1), rng.random()
+        sides = int(rng.integers(3, 9)) if rng.random() < 0.5 else 0
+        # Only the shape's bounding box is touched: small leaves are cheap.
+        y0, y1 = max(0, int(cy - r) - 1), min(size, int(cy + r) + 2)
+        x0, x1 = max(0, int(cx - r) - 1), min(size, int(cx + r) + 2)
+        if y0 >= y1 or x0 >= x1:
+            continue
+        dy, dx = np.mgrid[y0:y1, x0:x1].astype(np.float64)
+        dx, dy = dx - cx, dy - cy
+        u_, v_ = dx * np.cos(angle) + dy * np.sin(angle), -dx * np.sin(angle) + dy * np.cos(angle)
+        if sides:  # regular polygon
+            theta = np.arctan2(v_, u_)
+            inside = np.hypot(u_, v_) <= r * np.cos(np.pi / sides) / np.cos((theta % (2 * np.pi / sides)) - np.pi / sides)
+        else:  # ellipse
+            inside = (u_ / r) ** 2 + (v_ / (r * aspect)) ** 2 <= 1
+        value = grey + 0.3 * (u_ / r).clip(-1, 1) if shade < 0.3 else grey  # some leaves are shaded
+        out[y0:y1, x0:x1] = np.where(inside, value, out[y0:y1, x0:x1])
+    return _normalise(ndimage.gaussian_filter(out, rng.uniform(0.4, 1.0)))
+
+
+def fractal_map(size: int, rng: np.random.Generator, exponent: float | None = None) -> np.ndarray:
+    """Power-law (1/f^exponent amplitude spectrum) noise, ``(size, size)`` in [0, 1]: multi-scale texture."""
+    exponent = exponent or rng.uniform(0.8, 1.6)
+    fy, fx = np.meshgrid(np.fft.fftfreq(size), np.fft.fftfreq(size), indexing="ij")
+    f = np.hypot(fx, fy)
+    f[0, 0] = 1.0
+    spectrum = (rng.standard_normal((size, size)) + 1j * rng.standard_normal((size, size))) / f**exponent
+    spectrum[0, 0] = 0
+    return _normalise(np.fft.ifft2(spectrum).real)
+
+
+FAMILIES = {"lines": lines_map, "grf": grf_map, "siemens": siemens_map, "dead_leaves": dead_leaves_map,
+            "fractal": fractal_map}
 
 
 def make_object(cfg: SimulationConfig, rng: np.random.Generator) -> np.ndarray:
@@ -108,6 +152,8 @@ def make_probe(cfg: SimulationConfig) -> np.ndarray:
     * ``focused``: a circular aperture (radius ``aperture_radius_px`` in
       Fourier pixels) focused to the sample plane, then propagated by
       ``defocus_m`` with the angular-spectrum method.
+    * ``aberrated``: ``focused`` with random lens aberrations and sometimes a
+      central stop (:func:`aberrated_pupil`, drawn from ``seed``): training probes.
     * ``gaussian``: a Gaussian of ``gaussian_sigma_px`` with a weak curvature.
     * ``file``: the first probe found in an NPZ (``probeGuess``) or ``.npy``.
     """
@@ -122,12 +168,32 @@ def make_probe(cfg: SimulationConfig) -> np.ndarray:
         fy, fx = np.mgrid[0:N, 0:N] - N / 2
         # A slightly soft aperture edge keeps the probe's far tails from wrapping round the array.
         pupil = ndimage.gaussian_filter((np.hypot(fx, fy) <= cfg.aperture_radius_px).astype(np.float64), 0.8).astype(np.complex128)
+        if cfg.probe_kind == "aberrated":
+            pupil = pupil * aberrated_pupil(N, cfg.aperture_radius_px, np.random.default_rng(cfg.seed + 7919))
         focus = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(pupil), norm="ortho"))
         probe = physics.angular_spectrum_propagate(
             torch.from_numpy(focus), cfg.defocus_m, wavelength_m(cfg.energy_eV), cfg.pixel_size_m
         ).numpy()
     probe = probe * math.sqrt(cfg.nphotons / float(np.sum(np.abs(probe) ** 2)))
     return probe.astype(np.complex64)
+
+
+def aberrated_pupil(N: int, radius_px: float, rng: np.random.Generator) -> np.ndarray:
+    """``(N, N) complex128`` pupil factor of random lens aberrations, drawn from ``rng``.
+
+    Coma, spherical aberration and trefoil (Zernike terms, up to 1 rad
+    at the pupil edge each) and, one time in three, a central stop (an annular
+    pupil, as behind a zone plate). No astigmatism: that family is kept for
+    evaluation as a probe the model never saw (benchmarks/suite.py).
+    """
+    fy, fx = (np.mgrid[0:N, 0:N] - N / 2) / radius_px
+    rho, theta = np.hypot(fx, fy), np.arctan2(fy, fx)
+    coma, spherical, trefoil = rng.uniform(-1.0, 1.0, 3)
+    phase = (coma * (3 * rho**3 - 2 * rho) * np.cos(theta - rng.uniform(0, 2 * np.pi))
+             + spherical * (6 * rho**4 - 6 * rho**2 + 1)
+             + trefoil * rho**3 * np.cos(3 * (theta - rng.uniform(0, 2 * np.pi))))
+    stop = (rho >= rng.uniform(0.25, 0.5)) if rng.random() < 1 / 3 else np.ones_like(rho, bool)
+    return ndimage.gaussian_filter(stop.astype(np.float64), 0.8) * np.exp(1j * phase)
 
 
 def load_probe_file(path: str, N: int) -> np.ndarray:
@@ -183,13 +249,18 @@ def make_positions(cfg: SimulationConfig, rng: np.random.Generator) -> np.ndarra
 @dataclass
 class SimulatedScan:
     """A simulated scan: amplitudes ``(M, N, N) float32``, probe ``(N, N) complex64``,
-    positions ``(M, 2) float64`` (x, y), ground-truth object ``(S, S) complex64``."""
+    positions ``(M, 2) float64`` (x, y), ground-truth object ``(S, S) complex64``.
+
+    When the file's probe and positions are estimates (:mod:`ptycho_ml.physics.scan_errors`),
+    ``probe_true (K, N, N) complex64`` and ``positions_true_px (M, 2) float64`` hold what simulated the data."""
 
     amplitude: np.ndarray
     probe: np.ndarray
     positions_px: np.ndarray
     obj: np.ndarray
     metadata: dict
+    probe_true: np.ndarray | None = None
+    positions_true_px: np.ndarray | None = None
 
 
 def simulate_diffraction(obj: np.ndarray, probe: np.ndarray, positions_px: np.ndarray,
@@ -236,10 +307,38 @@ def default_configs(N: int = 64, seed: int = 0) -> dict[str, SimulationConfig]:
     return {"train": train, "test": test}
 
 
+def varied_training_configs(N: int = 64, seed: int = 0, n_scans: int = 4) -> list[SimulationConfig]:
+    """Training scans that vary what a single scan cannot: probe, object family and dose.
+
+    Scan 0 is the default training family (focused probe, a mosaic of lines,
+    random field and Siemens star) and stays the model's reference probe; the
+    others each draw an aberrated probe (:func:`aberrated_pupil`) with its own
+    aperture and defocus, objects from procedural natural-image-like textures
+    (dead leaves, power-law noise) mixed with the default families, and a dose
+    from 1e5 to 1e7 photons per pattern. No photograph is used.
+    """
+    train = default_configs(N=N, seed=seed)["train"]
+    rng = np.random.default_rng(seed + 4242)
+    size = int(200 * N / 64)
+    mosaics = (("dead_leaves",), ("fractal", "dead_leaves"), ("dead_leaves", "lines", "siemens"), ("fractal", "grf"))
+    configs = [train.replace(object_size_px=size)]
+    for i in range(1, n_scans):
+        configs.append(train.replace(
+            object_size_px=size, seed=seed + 100 * i, probe_kind="aberrated",
+            object_families=mosaics[(i - 1) % len(mosaics)],
+            aperture_radius_px=train.aperture_radius_px * rng.uniform(0.8, 1.2),
+            defocus_m=train.defocus_m * rng.uniform(0.6, 1.2),
+            nphotons=float(10 ** rng.uniform(5, 7)),
+            phase_range_rad=rng.uniform(0.5, 3.0), amplitude_min=rng.uniform(0.2, 0.8),
+            scan="spiral" if i % 2 else "raster"))
+    return configs
+
+
 def write_simulated(scan: SimulatedScan, path: str | Path) -> Path:
     """Write a scan as PtychoPINN NPZ, with its ground truth (:func:`ptycho_ml.data.ptychopinn.write_ptychopinn`)."""
     return write_ptychopinn(path, amplitude=scan.amplitude, probe=scan.probe, positions_px=scan.positions_px,
-                            obj=scan.obj, metadata=scan.metadata)
+                            obj=scan.obj, metadata=scan.metadata, probe_true=scan.probe_true,
+                            positions_true_px=scan.positions_true_px)
 
 
 # --------------------------------------------------------------------------

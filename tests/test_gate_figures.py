@@ -1,0 +1,49 @@
+"""The default policy can fail a bad network: a 1-epoch tiny-preset model cannot reach Production or @champion.
+
+A real `ptycho-ml train --mlflow` on the embedded default data (the data the
+policy's bounds were measured on, docs/lifecycle.md), a temporary sqlite store,
+the repository's registry/policy.toml.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.slow]
+
+
+def _cli(args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ptycho_ml.cli", *args], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=1500)
+
+
+def test_one_epoch_tiny_model_is_refused_for_production_by_every_path(tmp_path):
+    from mlflow import MlflowClient
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "PTYCHO_ML_ALLOW_UNGATED")}
+    env.update(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", PTYCHO_ML_POLICY=str(ROOT / "registry" / "policy.toml"),
+               PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    trained = _cli(["train", "--preset", "tiny", "--epochs", "1", "--quiet", "--threads", "1", "--mlflow",
+                    "--out", str(tmp_path / "tiny1")], env, tmp_path)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    tags = client.get_model_version("ptychopinn", "1").tags
+    # the refined figures are high whatever the network; the network-alone figures give it away
+    assert float(tags["ptycho_ml.refined_amplitude_ssim"]) > 0.9
+    assert tags["ptycho_ml.gate.stage.Production"].startswith("fail: test_network_amplitude_ssim = ")
+    assert tags["ptycho_ml.gate.alias.champion"].startswith("fail: ")
+    # our CLI refuses the promotion ...
+    refused = _cli(["promote", "--version", "1", "--stage", "Production", "--alias", "champion"], env, tmp_path)
+    assert refused.returncode == 2 and "test_network_amplitude_ssim" in refused.stderr, refused.stderr
+    # ... and a promotion made around it (the UI, the client) is refused when the model is loaded
+    client.set_registered_model_alias("ptychopinn", "champion", "1")
+    test_scan = tmp_path / "tiny1" / "data" / "test.npz"
+    load = _cli(["evaluate", "--alias", "champion", "--data", str(test_scan), "--refine-steps", "0"], env, tmp_path)
+    assert load.returncode == 2 and "fails the @champion gate: test_network_amplitude_ssim" in load.stderr, load.stderr
+    assert len(load.stderr.strip().splitlines()) == 1

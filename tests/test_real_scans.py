@@ -1,0 +1,345 @@
+"""Real scans: the file's probe and positions are estimates, refined with the object (issue 10).
+
+Tiny seeded scans from the project's simulator (tests/simdata.py) whose file
+probe and positions differ from the truth that simulated them
+(:mod:`ptycho_ml.physics.scan_errors`).
+"""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ptycho_ml.cli import main
+from ptycho_ml.config import InferenceConfig, ModelConfig, ScanErrorConfig
+from ptycho_ml.data.object_h5 import read_probe_positions
+from ptycho_ml.data.ptychopinn import read_true_probe_positions
+from ptycho_ml.data.readers import load_scan
+from ptycho_ml.data.scan import ScanData
+from ptycho_ml.errors import PtychoInputError
+from ptycho_ml.inference.reconstruct import check_compatible, check_refinement, reconstruct
+from ptycho_ml.model.bundle_io import save_model_bundle
+from ptycho_ml.model.network import DiffractionToObject
+from ptycho_ml.physics import simulate
+from ptycho_ml.physics.forward import intensity_of
+from ptycho_ml.physics.refine import initial_modes, orthogonalise_modes, refine_joint, refine_object
+from ptycho_ml.physics.scan_errors import simulate_with_errors
+from simdata import tiny_config
+from test_ptychodus import ptychodus_python, run_oracle  # noqa: F401  (the ptychodus venv fixture and oracle runner)
+
+
+def _scan(sim: simulate.SimulatedScan) -> ScanData:
+    return ScanData(sim.amplitude, sim.probe, sim.positions_px, sim.obj.shape, sim.obj, source="<tiny>")
+
+
+def _flat(sim) -> torch.Tensor:
+    return torch.ones(sim.obj.shape, dtype=torch.complex64)
+
+
+def _rms_px(error: np.ndarray) -> float:
+    """RMS position error (px), a common shift removed (it only moves the object)."""
+    error = error - error.mean(0)
+    return float(np.sqrt((error**2).sum(1).mean()))
+
+
+def _probe_error(probe: np.ndarray, truth: np.ndarray) -> float:
+    """Relative error of the first mode after aligning the global phase."""
+    a, b = probe.reshape(-1, *probe.shape[-2:])[0], truth.reshape(-1, *truth.shape[-2:])[0]
+    overlap = np.vdot(a, b)
+    return float(np.linalg.norm(a * overlap / abs(overlap) - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def defocused():
+    return simulate_with_errors(tiny_config(), ScanErrorConfig(defocus_error=0.5))
+
+
+@pytest.fixture(scope="module")
+def jittered():
+    return simulate_with_errors(tiny_config(), ScanErrorConfig(position_noise_px=1.0))
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    """An untrained tiny model on the tiny scan's probe: enough to run every inference path."""
+    sim = simulate.simulate_scan(tiny_config())
+    model = DiffractionToObject(ModelConfig(preset="tiny", N=32, gridsize=1), torch.from_numpy(sim.probe),
+                                float(np.sqrt(np.mean(sim.amplitude.astype(np.float64) ** 2))))
+    return save_model_bundle(model, tmp_path_factory.mktemp("bundle") / "wts.h5.zip")
+
+
+# ----------------------------------------------------------------------------- simulator
+
+
+def test_simulate_writes_estimates_and_keeps_the_truth(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(main, ["simulate", "--out", str(tmp_path), "--N", "32", "--which", "test",
+                                  "--defocus-error", "0.2", "--astigmatism", "0.3", "--missing-mode", "0.2",
+                                  "--position-noise-px", "0.5", "--position-drift-px", "1"])
+    assert result.exit_code == 0, result.output
+    path = tmp_path / "test.npz"
+    scan = load_scan(path)
+    probe_true, positions_true = read_true_probe_positions(str(path))
+    assert probe_true.shape == (2, 32, 32) and scan.probe.shape == (32, 32)
+    # same photons, different beam: the file probe is the nominal one
+    assert np.isclose(intensity_of(torch.from_numpy(probe_true)).sum().item(), float(np.sum(np.abs(scan.probe) ** 2)), rtol=1e-4)
+    assert _probe_error(scan.probe, probe_true) > 0.3
+    assert np.isclose(np.sum(np.abs(probe_true[1]) ** 2) / np.sum(np.abs(probe_true) ** 2), 0.2, atol=1e-4)
+    error = scan.positions_px - positions_true
+    assert 0.4 < _rms_px(error) < 2.0 and np.abs(error.mean(0)).max() < 0.05
+    assert scan.metadata["scan_errors"]["missing_mode"] == 0.2
+    # without errors the simulator writes exactly what it wrote before: no truth keys
+    plain = tmp_path / "plain"
+    assert runner.invoke(main, ["simulate", "--out", str(plain), "--N", "32", "--which", "test"]).exit_code == 0
+    assert read_true_probe_positions(str(plain / "test.npz")) == (None, None)
+
+
+# ----------------------------------------------------------------------------- physics
+
+
+def test_refine_joint_with_nothing_else_is_refine_object(jittered):
+    scan = _scan(jittered)
+    a = refine_object(_flat(jittered), scan, torch.from_numpy(jittered.probe), 3)
+    b = refine_joint(_flat(jittered), scan, torch.from_numpy(jittered.probe), 3)
+    assert torch.equal(a.obj, b.obj) and a.loss_history == b.loss_history
+    np.testing.assert_array_equal(b.positions_px, jittered.positions_px)
+    assert torch.equal(b.probe[0], torch.from_numpy(jittered.probe))
+
+
+def test_a_known_probe_error_is_reduced_and_the_power_kept(defocused):
+    scan = _scan(defocused)
+    start = torch.from_numpy(defocused.probe)
+    fixed = refine_object(_flat(defocused), scan, start, 40)
+    result = refine_joint(_flat(defocused), scan, start, 40, refine_probe=True)
+    before = _probe_error(defocused.probe, defocused.probe_true)
+    after = _probe_error(result.probe.numpy(), defocused.probe_true)
+    assert after < 0.75 * before, (before, after)
+    assert result.loss_history[-1] < 0.5 * fixed.loss_history[-1]
+    power = float(intensity_of(start).sum())
+    assert float(intensity_of(result.probe).sum()) == pytest.approx(power, rel=1e-4)
+
+
+def test_known_position_offsets_are_recovered(jittered):
+    scan = _scan(jittered)
+    result = refine_joint(_flat(jittered), scan, torch.from_numpy(jittered.probe), 40, refine_positions=True)
+    before = _rms_px(jittered.positions_px - jittered.positions_true_px)
+    after = _rms_px(result.positions_px - jittered.positions_true_px)
+    assert after < 0.4 * before, (before, after)
+    correction = result.positions_px - jittered.positions_px
+    assert np.abs(correction.mean(0)).max() < 1e-3  # no common shift
+    assert np.linalg.norm(correction, axis=1).max() <= 32 / 8 + 1e-6  # the default bound, N/8
+
+
+def test_position_corrections_respect_the_bound(jittered):
+    scan = _scan(jittered)
+    result = refine_joint(_flat(jittered), scan, torch.from_numpy(jittered.probe), 12, refine_positions=True,
+                          positions_start=2, max_position_correction_px=0.3)
+    correction = result.positions_px - jittered.positions_px
+    assert np.linalg.norm(correction, axis=1).max() <= 0.3 + 1e-5
+    assert np.linalg.norm(correction, axis=1).max() > 0.1  # it did move
+
+
+def test_probe_modes_are_orthogonal_and_keep_the_power(defocused):
+    scan = _scan(defocused)
+    start = torch.from_numpy(defocused.probe)
+    result = refine_joint(_flat(defocused), scan, start, 12, refine_probe=True, probe_modes=3)
+    modes = result.probe.reshape(3, -1).to(torch.complex128)
+    gram = modes.conj() @ modes.T
+    off = gram - torch.diag(torch.diagonal(gram))
+    assert float(off.abs().max()) < 1e-3 * float(gram.diagonal().real.max())
+    powers = gram.diagonal().real
+    assert bool((powers[:-1] >= powers[1:]).all())  # strongest first
+    assert float(powers.sum()) == pytest.approx(float(intensity_of(start).sum()), rel=1e-4)
+
+
+def test_probe_support_zeroes_the_probe_outside(defocused):
+    scan = _scan(defocused)
+    result = refine_joint(_flat(defocused), scan, torch.from_numpy(defocused.probe), 6, refine_probe=True,
+                          probe_support_px=10.0)
+    yy, xx = np.mgrid[0:32, 0:32] - 16
+    outside = xx**2 + yy**2 > 100
+    assert float(np.abs(result.probe.numpy()[:, outside]).max()) == 0.0
+    assert float(intensity_of(result.probe).sum()) == pytest.approx(float(np.sum(np.abs(defocused.probe) ** 2)), rel=1e-4)
+
+
+def test_orthogonalising_keeps_the_summed_intensity(rng):
+    probe = torch.from_numpy((rng.normal(size=(3, 16, 16)) + 1j * rng.normal(size=(3, 16, 16))).astype(np.complex64))
+    ortho = orthogonalise_modes(probe)
+    torch.testing.assert_close(intensity_of(ortho), intensity_of(probe), rtol=1e-4, atol=1e-4)
+    grown = initial_modes(probe[0], 4)
+    assert grown.shape == (4, 16, 16)
+    assert float(intensity_of(grown).sum()) == pytest.approx(float(intensity_of(probe[0]).sum()), rel=1e-4)
+
+
+def test_intensity_scale_follows_the_flux(jittered):
+    sim = simulate.simulate_scan(tiny_config())
+    flux = np.random.default_rng(0).uniform(0.7, 1.3, len(sim.positions_px)).astype(np.float32)
+    scan = ScanData(sim.amplitude * np.sqrt(flux)[:, None, None], sim.probe, sim.positions_px, sim.obj.shape, sim.obj)
+    result = refine_joint(_flat(sim), scan, torch.from_numpy(sim.probe), 40, refine_intensity=True)
+    expected = flux / flux.mean()
+    assert np.corrcoef(result.intensity_scale, expected)[0, 1] > 0.95
+    assert result.intensity_scale.mean() == pytest.approx(1.0, abs=1e-4)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p[:16, :16], r"field 'probe': found shape \(16, 16\), expected \(32, 32\)"),
+    (lambda p: np.zeros_like(p), r"field 'probe': found all zeros, expected a probe that carries light"),
+    (lambda p: np.where(np.arange(32)[None, :] == 3, np.nan, p).astype(np.complex64),
+     r"field 'probe': found NaN or Inf values, expected a finite complex probe"),
+])
+def test_bad_probes_are_one_line_errors(bundle, make, message):
+    from ptycho_ml.model.bundle_io import load_model_bundle
+
+    model = load_model_bundle(bundle)[0]
+    sim = simulate.simulate_scan(tiny_config())
+    scan = ScanData(sim.amplitude, make(sim.probe), sim.positions_px, sim.obj.shape, sim.obj, source="scan.npz")
+    with pytest.raises(PtychoInputError, match=message) as info:
+        check_compatible(model, scan)
+    assert "\n" not in str(info.value) and str(info.value).startswith("scan.npz: ")
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"probe_modes": 0, "refine_probe": True}, r"InferenceConfig\.probe_modes: found 0, expected 1\.\.8"),
+    ({"probe_modes": 9, "refine_probe": True}, r"InferenceConfig\.probe_modes: found 9, expected 1\.\.8"),
+    ({"probe_modes": 2}, r"probe_modes: found 2 without refine_probe"),
+])
+def test_bad_mode_counts_are_refused(changes, message):
+    with pytest.raises(PtychoInputError, match=message):
+        InferenceConfig(**changes)
+
+
+def test_more_modes_than_patterns_is_refused():
+    sim = simulate.simulate_scan(tiny_config())
+    scan = ScanData(sim.amplitude[:3], sim.probe, sim.positions_px[:3], sim.obj.shape, sim.obj, source="few.npz")
+    with pytest.raises(PtychoInputError, match=r"few\.npz: probe_modes: found 4 modes for 3 patterns, expected at most 3"):
+        check_refinement(scan, InferenceConfig(refine_probe=True, probe_modes=4))
+
+
+def test_cli_refuses_zero_modes_in_one_line(bundle, tiny_npz, tmp_path):
+    out = tmp_path / "rec"
+    result = CliRunner().invoke(main, ["reconstruct", "--bundle", str(bundle), "--data", str(tiny_npz), "--out", str(out),
+                                       "--refine-probe", "--probe-modes", "0", "--quiet"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == ["error: config: InferenceConfig.probe_modes: found 0, expected 1..8 incoherent modes"]
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- CLI, outputs, pyfunc
+
+
+def test_cli_refines_probe_and_positions_and_writes_them(bundle, tmp_path):
+    sim = simulate_with_errors(tiny_config(), ScanErrorConfig(defocus_error=0.3, position_noise_px=0.5))
+    data = simulate.write_simulated(sim, tmp_path / "scan.npz")
+    out = tmp_path / "rec"
+    result = CliRunner().invoke(main, ["reconstruct", "--bundle", str(bundle), "--data", str(data), "--out", str(out),
+                                       "--refine-steps", "12", "--refine-probe", "--refine-positions", "true",
+                                       "--refine-intensity", "false", "--probe-modes", "2", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "positions corrected: RMS" in result.output and "probe: 2 mode(s)" in result.output
+    probe, positions = read_probe_positions(str(out / "object.h5"))
+    assert probe.shape == (2, 32, 32) and positions.shape == (len(sim.positions_px), 2)
+    assert np.abs(positions - sim.positions_px).max() > 0.01  # corrected, not copied
+    with h5py.File(out / "object.h5", "r") as h5:
+        assert "intensity_scale" not in h5  # not refined: not written
+    with h5py.File(out / "product.h5", "r") as h5:
+        np.testing.assert_array_equal(h5["probe"][()], probe[None])  # [C=1, I=2, N, N]
+        pixel = h5["object"].attrs["pixel_width_m"]
+        W = h5["object"].shape[-1]
+        np.testing.assert_allclose(h5["probe_position_x_m"][()], (positions[:, 0] - (W - 1) / 2) * pixel + h5["object"].attrs["center_x_m"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["inference"]["refine_probe"] is True and summary["inference"]["probe_modes"] == 2
+    assert summary["probe"]["modes"] == 2 and sum(summary["probe"]["power_fractions"]) == pytest.approx(1.0)
+    shift = np.linalg.norm(positions - sim.positions_px, axis=1)
+    assert summary["positions"]["max_correction_px"] == pytest.approx(float(shift.max()))
+    assert summary["positions"]["rms_correction_px"] == pytest.approx(float(np.sqrt(np.mean(shift**2))))
+    assert (out / "probe.png").stat().st_size > 1000
+
+
+def test_default_reconstruction_writes_the_file_probe_and_positions(bundle, tiny_npz, tmp_path):
+    out = tmp_path / "rec"
+    result = CliRunner().invoke(main, ["reconstruct", "--bundle", str(bundle), "--data", str(tiny_npz), "--out", str(out),
+                                       "--refine-steps", "2", "--quiet"])
+    assert result.exit_code == 0, result.output
+    scan = load_scan(tiny_npz)
+    probe, positions = read_probe_positions(str(out / "object.h5"))
+    np.testing.assert_array_equal(probe[0], scan.probe)
+    np.testing.assert_array_equal(positions, scan.positions_px)
+    assert (out / "probe.png").is_file()
+
+
+def test_pyfunc_params_switch_the_refinement(bundle, tmp_path):
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from ptycho_ml import flavor
+
+    path = tmp_path / "model"
+    flavor.save_model(str(bundle), str(path))
+    pyfunc = mlflow.pyfunc.load_model(str(path))
+    params = pyfunc.metadata.get_params_schema().to_dict()
+    assert {"refine_probe", "refine_positions", "refine_intensity", "probe_modes"} <= {p["name"] for p in params}
+    sim = simulate_with_errors(tiny_config(), ScanErrorConfig(defocus_error=0.3))
+    data = {"diffraction": sim.amplitude, "positions": sim.positions_px.astype(np.float32)}
+    plain = pyfunc.predict(data, params={"refine_steps": 6})
+    joint = pyfunc.predict(data, params={"refine_steps": 6, "refine_probe": True, "probe_modes": 2})
+    assert plain["amplitude"].shape == joint["amplitude"].shape
+    assert not np.allclose(plain["amplitude"], joint["amplitude"])
+    with pytest.raises(MlflowException, match="probe_modes: found 0"):
+        pyfunc.predict(data, params={"refine_steps": 2, "refine_probe": True, "probe_modes": 0})
+
+
+def test_reconstruct_returns_the_refined_probe_and_positions(bundle, jittered):
+    from ptycho_ml.model.bundle_io import load_model_bundle
+
+    model = load_model_bundle(bundle)[0]
+    result = reconstruct(model, _scan(jittered), InferenceConfig(refine_steps=4, refine_positions=True, progress=False))
+    assert result.probe.shape == (1, 32, 32) and result.positions_px.shape == jittered.positions_px.shape
+    assert result.intensity_scale is None
+    none = reconstruct(model, _scan(jittered), InferenceConfig(refine_steps=0, progress=False))
+    assert none.probe is None and none.positions_px is None
+
+
+def test_evaluate_takes_the_refinement_flags(bundle, tmp_path):
+    sim = simulate_with_errors(tiny_config(), ScanErrorConfig(defocus_error=0.5))
+    data = simulate.write_simulated(sim, tmp_path / "scan.npz")
+    scores = {}
+    for label, flags in (("fixed", []), ("probe", ["--refine-probe"])):
+        out = tmp_path / f"{label}.json"
+        result = CliRunner().invoke(main, ["evaluate", "--bundle", str(bundle), "--data", str(data), "--refine-steps", "30",
+                                           *flags, "--json", str(out)])
+        assert result.exit_code == 0, result.output
+        scores[label] = json.loads(out.read_text())
+    # the file probe is 50 % off in defocus: refining it gives a better object
+    assert scores["probe"]["refined_amplitude_ssim"] > scores["fixed"]["refined_amplitude_ssim"] + 0.02
+
+
+@pytest.mark.interop
+@pytest.mark.slow
+def test_ptychodus_reads_the_refined_probe_and_positions(ptychodus_python, bundle, tmp_path):
+    from ptycho_ml.data.ptychodus import write_diffraction
+
+    sim = simulate_with_errors(tiny_config(), ScanErrorConfig(defocus_error=0.3, position_noise_px=0.5))
+    data = simulate.write_simulated(sim, tmp_path / "scan.npz")
+    out = tmp_path / "rec"
+    result = CliRunner().invoke(main, ["reconstruct", "--bundle", str(bundle), "--data", str(data), "--out", str(out),
+                                       "--refine-steps", "8", "--refine-probe", "--refine-positions", "--probe-modes", "2",
+                                       "--quiet"])
+    assert result.exit_code == 0, result.output
+    probe, positions = read_probe_positions(str(out / "object.h5"))
+    diffraction = write_diffraction(tmp_path / "diffraction.h5", load_scan(data))
+    got = run_oracle(ptychodus_python, "read", diffraction, out / "product.h5", tmp_path / "oracle.npz")
+    arrays = np.load(tmp_path / "oracle.npz")
+    assert (got["probe_num_coherent_modes"], got["probe_num_incoherent_modes"]) == (1, 2)
+    np.testing.assert_array_equal(arrays["probe"], probe[None])  # [C=1, I=2, N, N], the refined modes
+    np.testing.assert_allclose(arrays["x_px"], positions[:, 0], rtol=0, atol=1e-9)  # the corrected positions
+    np.testing.assert_allclose(arrays["y_px"], positions[:, 1], rtol=0, atol=1e-9)
+    assert got["num_paired"] == len(sim.positions_px)
+    np.testing.assert_allclose(arrays["paired_x_px"], positions[:, 0], rtol=0, atol=1e-9)
