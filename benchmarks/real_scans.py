@@ -8,7 +8,9 @@ written in the file (:mod:`ptycho_ml.physics.scan_errors`): defocus error
 0.5 and 1 px plus a slow drift, and an exact scan (no error: the regression
 check). On each, the same model reconstructs with the default settings and
 with each refinement switch, and pty-chi LSQ-ML (``ptychi_baseline.py``, one
-thread, same data) runs with probe and position refinement on.
+thread, same data) runs with probe and position refinement on; its object's
+amplitude scale, which it leaves free, is fitted to the truth before scoring
+(:func:`fit_amplitude_scale`).
 
 Reported per method: object amplitude/phase SSIM, PSNR and FRC
 (:func:`ptycho_ml.inference.metrics.evaluate_object`, on the region the true
@@ -108,6 +110,18 @@ def score(obj: np.ndarray, probe: np.ndarray, positions: np.ndarray, scan, truth
             "position_rms_nonaffine_after_px": position_rms_nonaffine_px(positions, truth_positions)}
 
 
+def fit_amplitude_scale(obj: np.ndarray, scan, truth_positions: np.ndarray, truth_probe: np.ndarray) -> np.ndarray:
+    """``obj`` times the real scale that best fits its amplitude to the truth's on the scored region.
+
+    Only for pty-chi: with its probe refined it leaves the object/probe scale
+    free (measured here: amplitude tens of times off), a gauge the data do not
+    fix; ptycho_ml holds the probe power, so its objects are scored as they are.
+    """
+    box = metrics.region_box(metrics.scanned_region(truth_positions, scan.N, np.asarray(scan.obj).shape, probe=truth_probe))
+    a, t = np.abs(obj[box]), np.abs(np.asarray(scan.obj)[box])
+    return (obj * (np.sum(a * t) / np.sum(a * a))).astype(np.complex64)
+
+
 def make_scan(name: str, errors: ScanErrorConfig, N: int, workdir: Path) -> Path:
     path = workdir / f"{name.replace(' ', '_').replace('(', '').replace(')', '')}_N{N}.npz"
     if not path.exists():
@@ -125,6 +139,7 @@ def evaluate(model, name: str, path: Path, refine_steps: int, ptychi_epochs: int
     if ptychi_epochs:
         out = path.with_suffix(".ptychi_probe_positions.npz")
         obj, wall_s = run_ptychi(path, out, ptychi_epochs, reuse, extra=("--refine-probe", "--refine-positions"))
+        obj = fit_amplitude_scale(obj, scan, truth_positions, truth_probe)
         with np.load(out) as f:
             rows[f"pty-chi LSQ-ML {ptychi_epochs} ep, probe+positions"] = score(
                 obj, f["probe"], f["positions_px"], scan, truth_probe, truth_positions, wall_s)

@@ -249,7 +249,7 @@ class TrainingConfig(ConfigBase):
     test_data: str = ""
     output_dir: str = "outputs/train"
     model: ModelConfig = field(default_factory=ModelConfig)
-    loss: Literal["poisson", "mae", "supervised"] = "poisson"
+    loss: Literal["poisson", "mae", "supervised", "hybrid"] = "poisson"
     epochs: int = 10
     batch_size: int = 32
     learning_rate: float = 2e-3

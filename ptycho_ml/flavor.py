@@ -182,11 +182,20 @@ def load_model(model_uri: str, dst_path: str | None = None):
 
 
 def _load_pyfunc(path: str, model_config: dict | None = None):
-    """Called by ``mlflow.pyfunc.load_model``: ``path`` is the model's ``data`` directory."""
+    """Called by ``mlflow.pyfunc.load_model``: ``path`` is the model's ``data`` directory.
+
+    What the responses name: the bundle's sha256, and the run the model was
+    logged from when the model's ``MLmodel`` (beside ``data``) records one.
+    """
+    from ptycho_ml.data.storage import file_sha256
     from ptycho_ml.model.bundle_io import load_model_bundle
 
     bundle = os.path.join(path, BUNDLE_NAME) if os.path.isdir(path) else path
-    return PtychoPyfuncModel(load_model_bundle(bundle)[0])
+    provenance = {"bundle_sha256": file_sha256(bundle)}
+    mlmodel = os.path.join(os.path.dirname(os.path.abspath(path)), MLMODEL_FILE_NAME)
+    if os.path.isdir(path) and os.path.isfile(mlmodel):
+        provenance["run_id"] = Model.load(mlmodel).run_id  # None for a model saved outside a run: left out
+    return PtychoPyfuncModel(load_model_bundle(bundle)[0], provenance)
 
 
 def _bad_request(message: str) -> MlflowException:
@@ -197,16 +206,31 @@ def _bad_request(message: str) -> MlflowException:
 REFINEMENT_PARAMS = ("refine_probe", "refine_positions", "refine_intensity", "probe_modes")
 
 
-class PtychoPyfuncModel:
-    """pyfunc wrapper over :func:`ptycho_ml.inference.reconstruct.reconstruct` (shared with the batch CLI)."""
+#: What a response says about the model that answered, under the same names as ``ptycho-ml serve``'s
+#: ``X-Ptycho-Model-*`` headers (the provenance keys of :func:`ptycho_ml.lifecycle.registry.load_model_with_provenance`).
+RESPONSE_PROVENANCE = ("name", "version", "run_id", "bundle_sha256")
 
-    def __init__(self, model):
+
+class PtychoPyfuncModel:
+    """pyfunc wrapper over :func:`ptycho_ml.inference.reconstruct.reconstruct` (shared with the batch CLI).
+
+    ``provenance``: the known ones of :data:`RESPONSE_PROVENANCE` (others and
+    empty values are dropped); every prediction carries them as strings
+    beside its arrays.
+    """
+
+    def __init__(self, model, provenance: dict[str, Any] | None = None):
         self.model = model
+        self.provenance = {k: str(provenance[k]) for k in RESPONSE_PROVENANCE if (provenance or {}).get(k)}
 
     def get_raw_model(self):
         return self.model
 
-    def predict(self, data: Any, params: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+    def predict(self, data: Any, params: dict[str, Any] | None = None) -> dict[str, np.ndarray | str]:
+        """``{"amplitude", "phase"}`` float32 arrays and the model's :attr:`provenance` strings."""
+        return {**self._arrays(data, params), **self.provenance}
+
+    def _arrays(self, data: Any, params: dict[str, Any] | None) -> dict[str, np.ndarray]:
         from ptycho_ml.config import InferenceConfig
         from ptycho_ml.errors import PtychoInputError
         from ptycho_ml.inference.reconstruct import predict_patches, reconstruct

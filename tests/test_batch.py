@@ -22,6 +22,9 @@ from ptycho_ml.inference.outputs import OUTPUT_FILES
 
 MODEL = "models:/batchmodel/1"
 
+# Real subprocesses (several training processes, the CLI, Spark): the suite's slow tier.
+pytestmark = [pytest.mark.slow]
+
 
 def _env(root: Path) -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",

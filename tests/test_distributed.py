@@ -17,6 +17,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Real subprocesses (several training processes, the CLI, Spark): the suite's slow tier.
+pytestmark = [pytest.mark.slow]
+
 # The same global batch: 2 processes x 8 groups against 1 process x 16 (3 optimiser steps an epoch each).
 EPOCHS, BATCH_PER_PROCESS = 2, 8
 # Loss tolerance, relative: the two runs take the same steps from the same initial weights with the
@@ -25,18 +28,18 @@ EPOCHS, BATCH_PER_PROCESS = 2, 8
 LOSS_RTOL = 0.03  # measured: 0.6 % apart at most (docs/deployment.md)
 
 
-def _env(tmp: Path) -> dict[str, str]:
+def _env(tmp: Path, db: str = "mlflow.db") -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}")
+               MLFLOW_TRACKING_URI=f"sqlite:///{tmp / db}")
     env.pop("MLFLOW_RUN_ID", None)
     return env
 
 
-def _train(tmp: Path, name: str, data: Path, test_data: Path, *flags: str) -> subprocess.CompletedProcess:
+def _train(tmp: Path, name: str, data: Path, test_data: Path, *flags: str, db: str = "mlflow.db") -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "ptycho_ml.cli", "train", "--data", str(data), "--test-data", str(test_data),
            "--preset", "tiny", "--epochs", str(EPOCHS), "--accelerator", "cpu", "--threads", "1", "--quiet",
            "--out", str(tmp / name), *flags]
-    proc = subprocess.run(cmd, env=_env(tmp), cwd=tmp, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, env=_env(tmp, db), cwd=tmp, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -54,12 +57,14 @@ def _csv_losses(out: Path) -> dict[str, list[float]]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_npz, tiny_test_npz):
-    """A tracked 2-process ddp run, the same untracked under ddp_spawn, and 1 process with the same global batch."""
+    """Tracked 2-process runs under ddp and ddp_spawn (each its own store), and 1 process with the same global batch."""
     tmp = tmp_path_factory.mktemp("ddp")
     tracked = _train(tmp, "ddp", tiny_npz, tiny_test_npz, "--devices", "2", "--strategy", "ddp",
                      "--batch-size", str(BATCH_PER_PROCESS), "--mlflow", "--register-as", "ddp_model")
+    (tmp / "previews.json").write_text('{"preview_every_n_epochs": 1}')  # previews come from a spawned worker
     spawn = _train(tmp, "spawn", tiny_npz, tiny_test_npz, "--devices", "2", "--strategy", "ddp_spawn",
-                   "--batch-size", str(BATCH_PER_PROCESS))
+                   "--batch-size", str(BATCH_PER_PROCESS), "--config", str(tmp / "previews.json"), "--mlflow",
+                   "--register-as", "spawn_model", db="spawn.db")
     single = _train(tmp, "single", tiny_npz, tiny_test_npz, "--batch-size", str(2 * BATCH_PER_PROCESS))
     return {"tmp": tmp, "tracked": tracked, "spawn": spawn, "single": single}
 
@@ -101,23 +106,29 @@ def test_two_process_losses_match_one_process_with_the_same_global_batch(runs):
 
 
 def test_ddp_spawn_returns_the_trained_weights_and_history_to_the_main_process(runs):
-    from ptycho_ml.model.bundle_io import load_model_bundle
-
-    import mlflow
     from mlflow import MlflowClient
+
+    from ptycho_ml.model.bundle_io import load_model_bundle
 
     proc = runs["spawn"]
     assert proc.stdout.count("bundle: ") == 1 and f"{EPOCHS} epochs" in proc.stdout
+    assert proc.stdout.count("registered as spawn_model version 1") == 1
+    spawn_client = MlflowClient(tracking_uri=_env(runs["tmp"], "spawn.db")["MLFLOW_TRACKING_URI"])
+    (spawn_run,) = spawn_client.search_runs([e.experiment_id for e in spawn_client.search_experiments()])
+    # The epoch previews were logged by the spawned rank-0 worker into the main process's run.
+    previews = [a.path for a in spawn_client.list_artifacts(spawn_run.info.run_id, "previews")]
+    assert previews == [f"previews/epoch_{e:03d}" for e in range(1, EPOCHS + 1)]
     # The same processes, seeds and shards as the ddp run: the same epoch losses.
-    mlflow.set_tracking_uri(_env(runs["tmp"])["MLFLOW_TRACKING_URI"])
-    client = MlflowClient()
-    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    spawn = _csv_losses(runs["tmp"] / "spawn")
+    ddp_client = MlflowClient(tracking_uri=_env(runs["tmp"])["MLFLOW_TRACKING_URI"])
+    (ddp_run,) = ddp_client.search_runs([e.experiment_id for e in ddp_client.search_experiments()])
     for key in ("train_loss", "val_loss"):
-        ddp = [m.value for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
-        assert spawn[key] == pytest.approx(ddp, rel=1e-6)
+        spawn = [m.value for m in sorted(spawn_client.get_metric_history(spawn_run.info.run_id, key), key=lambda m: m.step)]
+        ddp = [m.value for m in sorted(ddp_client.get_metric_history(ddp_run.info.run_id, key), key=lambda m: m.step)]
+        assert spawn == pytest.approx(ddp, rel=1e-6)
+    # The main process got the workers' history (from the last checkpoint) and the best weights.
     _, info = load_model_bundle(runs["tmp"] / "spawn" / "wts.h5.zip")
-    assert info["extra"]["best_val_loss"] == pytest.approx(min(spawn["val_loss"]), rel=1e-6)
+    val = [m.value for m in spawn_client.get_metric_history(spawn_run.info.run_id, "val_loss")]
+    assert info["extra"]["best_val_loss"] == pytest.approx(min(val), rel=1e-6)
 
 
 @pytest.mark.slow

@@ -105,3 +105,29 @@ def test_the_saved_one_frame_input_example_predicts(saved):
     assert request["diffraction"].shape[0] == 1
     out = mlflow.pyfunc.load_model(str(path)).predict(request)
     assert out["amplitude"].ndim == 2 and np.isfinite(out["amplitude"]).all()
+
+
+def test_predictions_name_the_bundle_sha256_and_the_run_it_was_logged_from(saved, tmp_path, monkeypatch):
+    """What plain `mlflow models serve` answers: the pyfunc's output, with the model's names beside the arrays."""
+    import hashlib
+
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    model, path, scan = saved
+    request = {"diffraction": scan.amplitude(slice(0, 4)), "positions": scan.positions_px[:4].astype(np.float32)}
+    out = mlflow.pyfunc.load_model(str(path)).predict(request)
+    assert out["bundle_sha256"] == hashlib.sha256((path / "data" / "wts.h5.zip").read_bytes()).hexdigest()
+    assert "run_id" not in out and "version" not in out  # saved outside a run: nothing known, nothing guessed
+    old_uri = tracking_utils._tracking_uri
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    try:
+        with mlflow.start_run() as run:
+            info = flavor.log_model(model, name="model")
+        logged = mlflow.pyfunc.load_model(info.model_uri).predict(request)
+    finally:
+        mlflow.set_tracking_uri(old_uri)
+    assert logged["run_id"] == run.info.run_id
+    assert len(logged["bundle_sha256"]) == 64 and np.allclose(logged["amplitude"], out["amplitude"], atol=1e-6)

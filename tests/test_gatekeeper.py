@@ -133,8 +133,10 @@ def test_stage_transition_in_the_old_ui_is_judged_and_the_previous_holder_archiv
     _rest(stack, "model-versions/transition-stage", {**body, "version": "1"})
     _wait_for(lambda: _tags(stack, "1").get("ptycho_ml.gatekeeper.approved_stage") == "Production", "v1 approved")
     _rest(stack, "model-versions/transition-stage", {**body, "version": "2"})  # fails: moved back
-    _wait_for(lambda: _stages(stack)["2"] == "None", "v2 moved back out of Production")
-    assert "Production -> None" in _tags(stack, "2")["ptycho_ml.gatekeeper.reverted"]
+    # the stage moves back first, then the revert is recorded: wait for both
+    _wait_for(lambda: _stages(stack)["2"] == "None"
+              and "Production -> None" in _tags(stack, "2").get("ptycho_ml.gatekeeper.reverted", ""),
+              "v2 moved back out of Production, and the revert recorded")
     assert _stages(stack)["1"] == "Production"
     _rest(stack, "model-versions/transition-stage", {**body, "version": "3"})  # passes: v1 is archived
     _wait_for(lambda: _stages(stack) == {"1": "Archived", "2": "None", "3": "Production"}, "v1 archived, v3 Production")
@@ -150,3 +152,17 @@ def test_unsigned_or_forged_deliveries_are_refused(stack):
     headers = {"X-MLflow-Signature": "v1,AAAA", "X-MLflow-Delivery-Id": "x", "X-MLflow-Timestamp": str(int(time.time()))}
     forged = requests.post(stack["keeper"], data=json.dumps(event), headers=headers, timeout=30)
     assert forged.status_code == 401 and "does not match the secret" in forged.json()["error"]
+
+
+def test_signature_check_accepts_mlflows_signature_and_refuses_replays():
+    from mlflow.webhooks.delivery import _generate_hmac_signature
+
+    from ptycho_ml.lifecycle.gatekeeper import verify_signature
+
+    body, now = b'{"entity": "model_version", "action": "created", "data": {}}', int(time.time())
+    headers = {"X-MLflow-Signature": _generate_hmac_signature(SECRET, "d1", str(now), body.decode()),
+               "X-MLflow-Delivery-Id": "d1", "X-MLflow-Timestamp": str(now)}
+    assert verify_signature(SECRET, headers, body) is None
+    assert "does not match" in verify_signature("another secret", headers, body)
+    assert "does not match" in verify_signature(SECRET, headers, body + b" ")
+    assert "replay" in verify_signature(SECRET, headers, body, now_s=now + 3600)

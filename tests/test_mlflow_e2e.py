@@ -192,6 +192,15 @@ def test_served_model_answers_json_and_parquet_like_in_process(server, lifecycle
     assert r.status_code == 200, r.text
     served = r.json()["predictions"]
     assert np.allclose(np.asarray(served["amplitude"]), expected["amplitude"], atol=1e-5)
+    # the body names what answered: the version's run and its bundle (no registry name: plain MLflow serving)
+    from mlflow import MlflowClient
+
+    from ptycho_ml.lifecycle.registry import load_model_with_provenance
+
+    version = MlflowClient().get_model_version("ptychopinn", "1")
+    assert (served["run_id"], served["bundle_sha256"]) == (version.run_id, expected["bundle_sha256"])
+    assert load_model_with_provenance("models:/ptychopinn/1")[1]["bundle_sha256"] == served["bundle_sha256"]
+    assert "version" not in served and "name" not in served
 
     r = requests.post(f"{server}/invocations", data=to_parquet_payload(diffraction, positions),
                       headers={"Content-Type": "application/vnd.apache.parquet"}, timeout=120)

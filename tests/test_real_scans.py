@@ -343,3 +343,22 @@ def test_ptychodus_reads_the_refined_probe_and_positions(ptychodus_python, bundl
     np.testing.assert_allclose(arrays["y_px"], positions[:, 1], rtol=0, atol=1e-9)
     assert got["num_paired"] == len(sim.positions_px)
     np.testing.assert_allclose(arrays["paired_x_px"], positions[:, 0], rtol=0, atol=1e-9)
+
+
+@pytest.mark.slow
+def test_the_benchmark_smoke_run_scores_each_method(bundle, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "real_scans.py"
+    spec = importlib.util.spec_from_file_location("real_scans_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--bundle", str(bundle), "--workdir", str(tmp_path), "--N", "32", "--no-ptychi",
+                       "--scans", "pos 1px+drift", "--methods", "default,+positions", "--refine-steps", "20"]) == 0
+    result = json.loads((tmp_path / "real_scans_N32.json").read_text())["results"][0]
+    rows = result["rows"]
+    assert set(rows) == {"default", "+positions"}
+    assert rows["default"]["position_rms_after_px"] == rows["default"]["position_rms_before_px"] > 0.5
+    assert rows["+positions"]["position_rms_after_px"] < rows["default"]["position_rms_after_px"]
+    assert "| pos 1px+drift | +positions |" in (tmp_path / "real_scans_N32.md").read_text()

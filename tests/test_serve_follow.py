@@ -107,7 +107,10 @@ def test_promotion_while_requests_flow_swaps_the_version_without_a_failed_reques
                              timeout=120)
     run_id = served["client"].get_model_version("ptychopinn", "2").run_id
     assert response.headers["X-Ptycho-Model-Run-Id"] == run_id and len(response.headers["X-Ptycho-Model-Bundle-Sha256"]) == 64
-    assert set(response.json()["predictions"]) == {"amplitude", "phase"}
+    body = response.json()["predictions"]  # the body names the version under the headers' names
+    assert set(body) == {"amplitude", "phase", "name", "version", "run_id", "bundle_sha256"}
+    assert (body["name"], body["version"], body["run_id"]) == ("ptychopinn", "2", run_id)
+    assert body["bundle_sha256"] == response.headers["X-Ptycho-Model-Bundle-Sha256"]
 
 
 def test_a_holder_that_fails_its_gate_is_not_swapped_in(served, tiny_test_npz):

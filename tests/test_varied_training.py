@@ -114,3 +114,32 @@ def test_a_multi_mode_probe_is_refused_in_a_probe_bank(two_probe_scans):
     scan.probe = np.stack([scan.probe, 0.3 * scan.probe])
     with pytest.raises(PtychoInputError, match="found 2 probe modes, expected one when training on several scans"):
         single_mode_probe(scan)
+
+
+def test_the_hybrid_loss_is_the_physics_loss_plus_the_weighted_ground_truth_term():
+    from ptycho_ml.model.module import HYBRID_SUPERVISED_WEIGHT
+
+    cfg = ModelConfig(preset="tiny", N=32, gridsize=1)
+    probe = torch.from_numpy(simulate.make_probe(tiny_config()))
+    model = DiffractionToObject(cfg, probe, 10.0)
+    amp = torch.rand(3, 1, 32, 32) * 30
+    offsets = torch.zeros(3, 1, 2)
+    target = torch.polar(torch.rand(3, 1, 32, 32) + 0.5, torch.rand(3, 1, 32, 32))
+    with torch.no_grad():
+        physics_only, _ = physics_step(model, amp, offsets, "poisson")
+        truth_only, _ = physics_step(model, amp, offsets, "supervised", target_patches=target)
+        hybrid, _ = physics_step(model, amp, offsets, "hybrid", target_patches=target)
+    assert float(hybrid) == pytest.approx(float(physics_only) + HYBRID_SUPERVISED_WEIGHT * float(truth_only), rel=1e-5)
+    with pytest.raises(ValueError, match="hybrid loss needs ground-truth patches"):
+        physics_step(model, amp, offsets, "hybrid")
+
+
+def test_hybrid_training_needs_ground_truth_in_every_scan(two_probe_scans, tmp_path):
+    from ptycho_ml.data import ScanData
+
+    scan = load_scan(two_probe_scans[0])
+    blind = ScanData(scan.patterns, scan.probe, scan.positions_px, scan.obj_shape, None, source="blind.npz")
+    config = TrainingConfig.from_dict({"model": {"preset": "tiny", "N": 32}, "loss": "hybrid"})
+    data = ScanDataModule([scan, blind], config, gridsize=2)
+    with pytest.raises(PtychoInputError, match="blind.npz: field 'objectGuess': missing, expected ground truth for loss='hybrid'"):
+        data.setup("fit")

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from ptycho_ml.data.storage import file_sha256
 from ptycho_ml.errors import PtychoInputError, field_error
 
 
@@ -157,15 +158,12 @@ def dataset_fingerprint(scans: ScanData | Sequence[ScanData]) -> dict[str, Any]:
     scans = [scans] if isinstance(scans, ScanData) else list(scans)
     parts = []
     for scan in scans:
+        if Path(scan.source).is_file():
+            parts.append(file_sha256(scan.source))
+            continue
         digest = hashlib.sha256()
-        src = Path(scan.source)
-        if src.is_file():
-            with open(src, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 22), b""):
-                    digest.update(chunk)
-        else:
-            for _, block in scan.iter_batches(4096):
-                digest.update(block.tobytes())
+        for _, block in scan.iter_batches(4096):
+            digest.update(block.tobytes())
         parts.append(digest.hexdigest())
     sha = parts[0] if len(parts) == 1 else hashlib.sha256("".join(parts).encode()).hexdigest()
     N = scans[0].N

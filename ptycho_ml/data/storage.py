@@ -17,6 +17,15 @@ from pathlib import Path
 from ptycho_ml.errors import PtychoInputError
 
 
+def file_sha256(path: str | Path) -> str:
+    """The sha256 hex digest of a local file's bytes (read in 4 MiB chunks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def is_s3(uri: str) -> bool:
     return str(uri).startswith("s3://")
 

@@ -18,40 +18,74 @@ from ptycho_ml.data.object_h5 import write_object_h5
 from ptycho_ml.data.ptychodus import geometry_from_scan, write_product
 from ptycho_ml.data.scan import ScanData, centres_box
 from ptycho_ml.data.storage import OutputLocation
+from ptycho_ml.errors import PtychoInputError
 from ptycho_ml.inference import metrics as metrics_mod
 from ptycho_ml.inference.reconstruct import ReconstructionResult, check_compatible, check_refinement, reconstruct
 from ptycho_ml.model.network import DiffractionToObject
 
 #: The files a reconstruction writes, in the order they are reported.
 OUTPUT_FILES = ("object.h5", "amplitude.png", "phase.png", "probe.png", "product.h5", "summary.json")
+#: The error panels' diverging colour map (drawn centred on zero).
+ERROR_CMAP = "RdBu_r"
+
+
+def preview_panels(obj: np.ndarray, truth: np.ndarray | None = None) -> dict[str, list[tuple[str, np.ndarray, str, str]]]:
+    """What each preview shows: ``{"amplitude": [(title, image, cmap, colour-bar label), ...], "phase": [...]}``.
+
+    obj, truth: ``(H, W)`` complex, the same (already cropped) view. Without
+    ``truth`` one panel each; with it three: the reconstruction, its ground
+    truth and the error (reconstruction - truth), the reconstruction's global
+    phase aligned to the truth first (:func:`~ptycho_ml.inference.metrics.align_phase`,
+    as the metrics do), the phase error wrapped to (-π, π].
+    """
+    if truth is None:
+        return {"amplitude": [("amplitude", np.abs(obj), "gray", "amplitude")],
+                "phase": [("phase", np.angle(obj), "twilight", "phase (rad)")]}
+    aligned = metrics_mod.align_phase(obj, truth)
+    return {"amplitude": [("reconstruction amplitude", np.abs(aligned), "gray", "amplitude"),
+                          ("ground truth amplitude", np.abs(truth), "gray", "amplitude"),
+                          ("error amplitude", np.abs(aligned) - np.abs(truth), ERROR_CMAP, "amplitude error")],
+            "phase": [("reconstruction phase", np.angle(aligned), "twilight", "phase (rad)"),
+                      ("ground truth phase", np.angle(truth), "twilight", "phase (rad)"),
+                      ("error phase", np.angle(aligned * np.conj(truth)), ERROR_CMAP, "phase error (rad)")]}
 
 
 def write_previews(out_dir: str | Path, obj: np.ndarray, prefix: str = "", title: str = "",
-                   region: tuple[slice, slice] | None = None) -> list[Path]:
+                   region: tuple[slice, slice] | None = None, truth: np.ndarray | None = None) -> list[Path]:
     """PNG previews ``{prefix}amplitude.png`` and ``{prefix}phase.png`` with colour bars.
 
     ``region`` crops to the scanned area (unscanned pixels carry no information).
+    ``truth`` ``(H, W)`` complex, the object's ground truth (same shape as
+    ``obj``): each preview then shows the reconstruction, the truth and the
+    error side by side (:func:`preview_panels`).
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if truth is not None and np.shape(truth) != np.shape(obj):
+        raise PtychoInputError(f"previews: ground truth: found shape {tuple(np.shape(truth))}, "
+                               f"expected the object's {tuple(np.shape(obj))}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    view = obj[region] if region is not None else obj
+    region = region or (slice(None), slice(None))
     # A preview needs no more pixels than a screen: subsample very large objects.
-    step = max(1, int(np.ceil(max(view.shape) / 1024)))
-    view = view[::step, ::step]
+    step = max(1, int(np.ceil(max(obj[region].shape) / 1024)))
+    panels = preview_panels(obj[region][::step, ::step], None if truth is None else np.asarray(truth)[region][::step, ::step])
     paths = []
-    for name, data, cmap, label in (("amplitude", np.abs(view), "gray", "amplitude"),
-                                    ("phase", np.angle(view), "twilight", "phase (rad)")):
-        fig, ax = plt.subplots(figsize=(5, 4.2))
-        im = ax.imshow(data, cmap=cmap)
-        ax.set_title(f"{title} {name}".strip())
-        ax.set_xlabel("x (px)")
-        ax.set_ylabel("y (px)")
-        fig.colorbar(im, ax=ax, label=label)
+    for name, row in panels.items():
+        fig, axes = plt.subplots(1, len(row), figsize=(5 * len(row), 4.2), squeeze=False)
+        # Reconstruction and truth share one colour scale (compared by eye); the error is centred on zero.
+        compared = [data for _, data, cmap, _ in row if cmap != ERROR_CMAP]
+        shared = {"vmin": min(float(d.min()) for d in compared), "vmax": max(float(d.max()) for d in compared)}
+        for ax, (label_title, data, cmap, label) in zip(axes[0], row):
+            limit = float(np.abs(data).max()) or 1.0
+            im = ax.imshow(data, cmap=cmap, **({"vmin": -limit, "vmax": limit} if cmap == ERROR_CMAP else shared))
+            ax.set_title(f"{title} {label_title}".strip())
+            ax.set_xlabel("x (px)")
+            ax.set_ylabel("y (px)")
+            fig.colorbar(im, ax=ax, label=label)
         fig.tight_layout()
         path = out_dir / f"{prefix}{name}.png"
         fig.savefig(path, dpi=80)

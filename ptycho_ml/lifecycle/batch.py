@@ -129,9 +129,10 @@ def run_local(model, provenance: dict[str, Any], paths: list[str], names: list[s
 _WORKER_MODELS: dict[tuple[str, str, str], Any] = {}
 
 
-def _worker_model(tracking_uri: str, registry_uri: str, provenance: dict[str, Any]):
-    """The driver's model, loaded on an executor through the shared loader and checked against its sha256."""
-    key = (tracking_uri, provenance["resolved_uri"], provenance["bundle_sha256"])
+def _worker_model(tracking_uri: str, registry_uri: str, provenance: dict[str, Any], uri: str):
+    """The driver's model (``uri``: the version it resolved), loaded on an executor through the shared loader
+    and checked against the driver's sha256."""
+    key = (tracking_uri, uri, provenance["bundle_sha256"])
     if key not in _WORKER_MODELS:
         import mlflow
 
@@ -139,10 +140,9 @@ def _worker_model(tracking_uri: str, registry_uri: str, provenance: dict[str, An
 
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_registry_uri(registry_uri)
-        model, loaded = load_model_with_provenance(provenance["resolved_uri"],
-                                                   is_bundle=provenance["resolved_uri"].endswith(".zip"))
+        model, loaded = load_model_with_provenance(uri, is_bundle=uri.endswith(".zip"))
         if loaded["bundle_sha256"] != provenance["bundle_sha256"]:
-            raise RuntimeError(f"{provenance['resolved_uri']}: the executor loaded bundle sha256 "
+            raise RuntimeError(f"{uri}: the executor loaded bundle sha256 "
                                f"{loaded['bundle_sha256'][:12]}..., expected the driver's {provenance['bundle_sha256'][:12]}...")
         _WORKER_MODELS[key] = model
     return _WORKER_MODELS[key]
@@ -193,9 +193,11 @@ def run_spark(provenance: dict[str, Any], paths: list[str], names: list[str], cf
 
     jobs = [(i, absolute(path), absolute(_join(out, name))) for i, (path, name) in enumerate(zip(paths, names))]
     worker_cfg = cfg.replace(progress=False)  # executors' progress bars would interleave in the driver's log
+    resolved = provenance["resolved_uri"]
+    model_uri = os.path.abspath(resolved) if os.path.exists(resolved) else resolved  # a local bundle or model dir
 
     def reconstruct_partition(items):
-        model = _worker_model(tracking_uri, registry_uri, provenance)
+        model = _worker_model(tracking_uri, registry_uri, provenance, model_uri)
         for i, path, scan_out in items:
             yield i, reconstruct_one(model, provenance, path, worker_cfg, scan_out, with_metrics)
 

@@ -157,8 +157,8 @@ class Gatekeeper:
                 back = (mv.tags or {}).get(TAG_APPROVED_STAGE)
                 back = back if back in ("Staging", "Production", "Archived") and back != stage else "None"
                 self._transition(name, mv.version, back, archive=False)
-                registry.annotate_version(name, mv.version, self.client, self.policy)
                 self._record_revert(name, str(mv.version), f"{stage} -> {back}: {'; '.join(failures)}")
+                registry.annotate_version(name, mv.version, self.client, self.policy)
                 actions.append(f"{name} v{mv.version} {stage}: FAIL ({'; '.join(failures)}); moved back to {back}")
             if len(passing) > 1:  # the one that entered last keeps the stage, as promote's archiving would
                 keeper = max(passing, key=lambda v: (v.last_updated_timestamp or 0, int(v.version)))

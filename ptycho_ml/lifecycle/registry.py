@@ -11,7 +11,6 @@ in the MLflow UI takes effect on the next load with no other step.
 from __future__ import annotations
 
 import getpass
-import hashlib
 import math
 import os
 import re
@@ -21,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ptycho_ml.data.storage import file_sha256
 from ptycho_ml.errors import PtychoInputError, field_error
 
 DEFAULT_MODEL_NAME = "ptychopinn"
@@ -174,12 +174,7 @@ def _resolve_version(uri: str, parsed):
     return max(versions, key=lambda v: int(v.version))
 
 
-def _sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+_sha256 = file_sha256  # the bundle's sha256, as provenance records it
 
 
 def allow_ungated_from_env() -> bool:

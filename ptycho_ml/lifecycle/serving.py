@@ -15,7 +15,9 @@ swapped in: the server keeps answering with the version it has and logs why.
 Every response names what answered in headers: ``X-Ptycho-Model-Name``,
 ``X-Ptycho-Model-Version``, ``X-Ptycho-Model-Run-Id``,
 ``X-Ptycho-Model-Bundle-Sha256`` (and ``X-Ptycho-Model-Gate`` when the
-holder was served with ``--allow-ungated``).
+holder was served with ``--allow-ungated``), and in the body, as plain
+``mlflow models serve`` does: ``name``, ``version``, ``run_id`` and
+``bundle_sha256`` beside the arrays (:data:`ptycho_ml.flavor.RESPONSE_PROVENANCE`).
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ class FollowingModel:
         from ptycho_ml.flavor import PtychoPyfuncModel
 
         model, provenance = registry.load_model_with_provenance(self.uri, allow_ungated=self.allow_ungated)
-        return provenance, PtychoPyfuncModel(model)
+        return provenance, PtychoPyfuncModel(model, provenance)  # the body names it too, as the headers do
 
     @property
     def provenance(self) -> dict[str, Any]:

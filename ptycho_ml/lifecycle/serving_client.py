@@ -51,9 +51,12 @@ def to_parquet_payload(diffraction: np.ndarray, positions: np.ndarray) -> bytes:
 
 
 def decode_predictions(response_json: dict[str, Any]) -> dict[str, np.ndarray]:
-    """``{"predictions": {"amplitude": ..., "phase": ...}}`` -> float32 arrays."""
+    """``{"predictions": {"amplitude": ..., "phase": ..., "run_id": ..., ...}}`` -> the float32 arrays.
+
+    The strings naming the model that answered (``bundle_sha256``, ``run_id``, ...) are left out.
+    """
     predictions = response_json["predictions"]
-    return {k: np.asarray(v, dtype=np.float32) for k, v in predictions.items()}
+    return {k: np.asarray(v, dtype=np.float32) for k, v in predictions.items() if not isinstance(v, str)}
 
 
 def reconstruct_remote(url: str, diffraction: np.ndarray, positions: np.ndarray, encoding: str = "parquet",

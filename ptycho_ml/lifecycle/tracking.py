@@ -57,12 +57,14 @@ def log_previews(obj: np.ndarray, scan: ScanData, artifact_dir: str, title: str,
                  run: tuple[str, str] | None = None) -> None:
     """PNG previews of ``obj (H, W) complex64``, cropped to the scanned box, as artifacts of the active run.
 
+    A scan with ground truth gets the reconstruction, the truth and the error side by side.
     ``run``: ``(tracking URI, run id)`` to log to instead, from a process that has no active run (a ddp_spawn worker).
     """
     import mlflow
 
     with tempfile.TemporaryDirectory() as tmp:
-        write_previews(tmp, obj, title=title, region=centres_box(scan.positions_px, scan.obj_shape))
+        truth = scan.obj if scan.obj is not None and scan.obj.shape == obj.shape else None
+        write_previews(tmp, obj, title=title, region=centres_box(scan.positions_px, scan.obj_shape), truth=truth)
         if run is None:
             mlflow.log_artifacts(tmp, artifact_dir)
         else:
@@ -85,6 +87,23 @@ def _run_logger(run_id: str) -> _RunLogger:
     import mlflow
 
     return _RunLogger(run_id=run_id, tracking_uri=mlflow.get_tracking_uri())
+
+
+def _model_epoch(history: list[dict[str, float]]) -> dict[str, float] | None:
+    """The row of ``history`` whose weights the bundle holds: the first lowest ``val_loss`` (the
+    checkpoint keeps a strict improvement only), else the last epoch; None without epochs."""
+    scored = [row for row in history if "val_loss" in row]
+    if not scored:
+        return history[-1] if history else None
+    return min(scored, key=lambda row: row["val_loss"])  # min() keeps the first of equal losses
+
+
+def _logged_step(run_id: str, epoch: int) -> int | None:
+    """The step at which Lightning logged ``epoch``'s losses to the run (None: not in this run, e.g. resumed)."""
+    import mlflow
+
+    steps = [m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "epoch") if int(m.value) == epoch]
+    return steps[0] if steps else None
 
 
 def train_tracked(config: TrainingConfig, register_as: str | None) -> tuple[TrainResult, Any, str]:
@@ -114,10 +133,21 @@ def train_tracked(config: TrainingConfig, register_as: str | None) -> tuple[Trai
             log_previews(result.test_reconstruction.obj, result.test_scan, "reconstruction/refined", "refined")
         if result.warm_start is not None:
             mlflow.log_dict(asdict(result.warm_start), "warm_start.json")
-        info = flavor.log_model(result.bundle_path, name="model", registered_model_name=register_as or None)
-        # Logged after the model, linked to it: the run and the logged model's page both show them.
-        mlflow.log_metrics({"flops_per_pattern": result.model_summary["flops_per_pattern"],
-                            "train_time_s": result.elapsed_s, **result.metrics}, model_id=info.model_id)
+        # The model is logged at the step of the epoch whose weights it holds: MLflow links the run's metrics
+        # at that step (train_loss, val_loss, epoch) to the logged model (the default, step 0, links epoch 0's).
+        best = _model_epoch(result.history)
+        step = None if best is None else _logged_step(run.info.run_id, int(best["epoch"]))
+        info = flavor.log_model(result.bundle_path, name="model", registered_model_name=register_as or None,
+                                step=step or 0)
+        unlinked = best is not None and step is None
+        losses = {k: best[k] for k in ("train_loss", "val_loss") if k in best} if unlinked else {}
+        # Logged after the model, linked to it: the run and the logged model's page both show them (a resumed
+        # run whose best epoch came before it links that epoch's losses from the checkpoint's history).
+        figures = {"flops_per_pattern": result.model_summary["flops_per_pattern"], "train_time_s": result.elapsed_s,
+                   **losses, **result.metrics}
+        mlflow.log_metrics({k: v for k, v in figures.items() if np.isfinite(v)}, model_id=info.model_id)
+        # A NaN (e.g. test_passes_needed: never reached) goes to the run only: MLflow 3.17 shows a linked NaN as 0.
+        mlflow.log_metrics({k: v for k, v in figures.items() if not np.isfinite(v)})
         if register_as:  # the version's figures and gate verdicts, as tags and description (registry page)
             from ptycho_ml.lifecycle.registry import annotate_version
 

@@ -128,7 +128,7 @@ class ScanDataModule(L.LightningDataModule):
                 val_idx = train_idx[: max(1, len(train_idx) // 20)]
             in_memory = len(scan) * scan.N * scan.N <= limits.TRAIN_IN_MEMORY_MAX_VALUES
             amplitudes = scan.amplitude(slice(0, len(scan))) if in_memory else None
-            targets = self._supervised_targets(scan) if cfg.loss == "supervised" else None
+            targets = self._supervised_targets(scan) if cfg.loss in ("supervised", "hybrid") else None
             train_groups, val_groups = _whole_groups(train_idx, groups), _whole_groups(val_idx, groups)
             train_sets.append(GroupDataset(scan, groups[train_groups], offsets[train_groups], amplitudes, targets, index))
             val_sets.append(GroupDataset(scan, groups[val_groups], offsets[val_groups], amplitudes, targets, index))
@@ -136,11 +136,11 @@ class ScanDataModule(L.LightningDataModule):
         self._val = val_sets[0] if len(val_sets) == 1 else ConcatDataset(val_sets)
         self.n_train, self.n_val = len(self._train), len(self._val)
 
-    @staticmethod
-    def _supervised_targets(scan: ScanData) -> np.ndarray:
-        """Ground-truth patches ``(M, N, N) complex64`` for the supervised baseline."""
+    def _supervised_targets(self, scan: ScanData) -> np.ndarray:
+        """Ground-truth patches ``(M, N, N) complex64`` for the supervised and hybrid losses."""
+        cfg_loss = self.config.loss
         if scan.obj is None:
-            raise PtychoInputError(f"{scan.source}: field 'objectGuess': missing, expected ground truth for loss='supervised'")
+            raise PtychoInputError(f"{scan.source}: field 'objectGuess': missing, expected ground truth for loss='{cfg_loss}'")
         with torch.no_grad():
             return extract_patches(torch.from_numpy(np.asarray(scan.obj)),
                                    torch.from_numpy(scan.positions_px.astype(np.float32)), scan.N).numpy()

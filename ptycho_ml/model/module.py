@@ -13,6 +13,11 @@ from ptycho_ml.config import ModelConfig
 from ptycho_ml.model.network import DiffractionToObject
 
 
+#: Weight of the ground-truth term in the hybrid loss: about equal to the Poisson term (per pixel,
+#: deviance/2) on the default simulated data at the start of training, ~10x smaller at the end.
+HYBRID_SUPERVISED_WEIGHT = 1000.0
+
+
 def physics_step(model: DiffractionToObject, amplitude: torch.Tensor, offsets_px: torch.Tensor,
                  loss_kind: str, good_pixels: torch.Tensor | None = None,
                  target_patches: torch.Tensor | None = None,
@@ -31,12 +36,16 @@ def physics_step(model: DiffractionToObject, amplitude: torch.Tensor, offsets_px
     patches = model(amplitude, probe, good_pixels)
     if patches.shape[1] > 1:
         patches = physics.merge_group(patches, offsets_px, intensity)
-    if loss_kind == "supervised":
+    if loss_kind in ("supervised", "hybrid"):
         if target_patches is None:
-            raise ValueError("supervised loss needs ground-truth patches")
+            raise ValueError(f"{loss_kind} loss needs ground-truth patches")
         weight = intensity / intensity.amax(dim=(-2, -1), keepdim=True)
-        return ((patches - target_patches).abs().square() * weight).mean(), patches
+        supervised = ((patches - target_patches).abs().square() * weight).mean()
+        if loss_kind == "supervised":
+            return supervised, patches
     predicted = physics.far_field_amplitude(probe, patches)
+    if loss_kind == "hybrid":  # the physics loss, plus the simulator's ground truth where it exists
+        return losses.poisson_nll(predicted, amplitude, good_pixels) + HYBRID_SUPERVISED_WEIGHT * supervised, patches
     return losses.LOSSES[loss_kind](predicted, amplitude, good_pixels), patches
 
 

@@ -155,6 +155,11 @@ def refine_joint(obj: torch.Tensor, scan: ScanData, probe: torch.Tensor, steps: 
     * intensity scale: the Poisson maximum-likelihood scale of each pattern's
       counts (Σ measured / Σ predicted), mean held at 1.
 
+    Gauges the data do not fix are held: the probe power; the probe's linear
+    phase ramp (at the start probe's) and, with ``object_ramp_gauge``, the
+    object's (at its value when the probe starts to move; left free it tilts
+    the object's phase, docs/benchmarks.md "Real scans").
+
     With nothing else refined this is the object refinement alone (the same
     arithmetic as before the joint refinement existed).
     """
