@@ -249,7 +249,8 @@ class TrainingConfig(ConfigBase):
     test_data: str = ""
     output_dir: str = "outputs/train"
     model: ModelConfig = field(default_factory=ModelConfig)
-    loss: Literal["poisson", "mae", "supervised", "hybrid"] = "poisson"
+    # auto: hybrid when every training scan carries its ground truth (simulated data), else poisson.
+    loss: Literal["auto", "poisson", "mae", "supervised", "hybrid"] = "auto"
     epochs: int = 10
     batch_size: int = 32
     learning_rate: float = 2e-3

@@ -14,7 +14,9 @@ frame flattened (MLflow reshapes it by the signature). Params: ``output``
 ``refine_probe``, ``refine_positions``, ``refine_intensity`` (default false)
 and ``probe_modes`` (default 1), as ``ptycho-ml reconstruct``'s flags.
 Output: ``{"amplitude", "phase"}`` arrays of the stitched object ``(H, W)``
-or of the patches ``(B, N, N)``.
+or of the patches ``(B, N, N)``, beside them the strings that name the model
+(``bundle_sha256``, and ``run_id`` when its ``MLmodel`` records one;
+:data:`RESPONSE_PROVENANCE`).
 """
 
 from __future__ import annotations

@@ -143,3 +143,27 @@ def test_hybrid_training_needs_ground_truth_in_every_scan(two_probe_scans, tmp_p
     data = ScanDataModule([scan, blind], config, gridsize=2)
     with pytest.raises(PtychoInputError, match="blind.npz: field 'objectGuess': missing, expected ground truth for loss='hybrid'"):
         data.setup("fit")
+
+
+def test_auto_loss_is_hybrid_with_ground_truth_and_physics_without(two_probe_scans):
+    from ptycho_ml.data import ScanData
+    from ptycho_ml.model.datamodule import resolve_loss
+
+    scan = load_scan(two_probe_scans[0])
+    blind = ScanData(scan.patterns, scan.probe, scan.positions_px, scan.obj_shape, None, source="blind.npz")
+    assert resolve_loss("auto", [scan]) == "hybrid"
+    assert resolve_loss("auto", [scan, blind]) == "poisson"
+    assert resolve_loss("poisson", [scan]) == "poisson"
+    config = TrainingConfig.from_dict({"model": {"preset": "tiny", "N": 32}})
+    assert config.loss == "auto" and ScanDataModule([blind], config, gridsize=2).loss == "poisson"
+
+
+def test_the_embedded_default_is_the_varied_set_and_the_held_out_scan(tmp_path):
+    from ptycho_ml.lifecycle.training import default_data
+
+    train_paths, test_path = default_data(tmp_path, N=16)
+    names = [p.rsplit("/", 1)[-1] for p in train_paths.split(",")]
+    assert names == ["train_0.npz", "train_1.npz", "train_2.npz", "train_3.npz"]
+    assert test_path.endswith("test.npz")
+    probes = [np.asarray(load_scan(p).probe) for p in train_paths.split(",")]
+    assert all(np.abs(probes[0] - p).max() > 0 for p in probes[1:])  # one probe per scan

@@ -159,8 +159,9 @@ def training_config(ctx: click.Context, config_file: str | None):
 @click.option("--epochs", default=None, type=int, help="Maximum epochs (default 10).")
 @click.option("--batch-size", default=None, type=int)
 @click.option("--lr", "learning_rate", default=None, type=float)
-@click.option("--loss", type=click.Choice(["poisson", "mae", "supervised", "hybrid"]), default=None,
-              help="poisson (physics, no ground truth); supervised or hybrid (physics + ground truth) need objectGuess.")
+@click.option("--loss", type=click.Choice(["auto", "poisson", "mae", "supervised", "hybrid"]), default=None,
+              help="poisson: the measurements alone (physics); hybrid: physics + ground truth (objectGuess); "
+                   "auto (default): hybrid when every training scan has its ground truth, else poisson.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--accelerator", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True)
 @click.option("--threads", default=0, show_default=True, type=int, help="CPU threads (0 = all cores this process may use).")

@@ -28,6 +28,7 @@ from ptycho_ml.errors import PtychoInputError
 from ptycho_ml.inference.evaluate import WarmStart, evaluate_model, warm_start
 from ptycho_ml.inference.reconstruct import ReconstructionResult, network_object, reconstruct
 from ptycho_ml.model.bundle_io import save_model_bundle
+from ptycho_ml.model.datamodule import resolve_loss
 from ptycho_ml.model.network import DiffractionToObject, count_parameters, flops_per_pattern
 from ptycho_ml.model.training import fit, quiet_lightning
 
@@ -54,16 +55,21 @@ class TrainResult:
 
 
 def default_data(output_dir: Path, N: int = 64, seed: int = 0) -> tuple[str, str]:
-    """Simulate the embedded default (train + held-out test scan) into ``output_dir/data``."""
+    """Simulate the embedded default into ``output_dir/data``: the varied training scans
+    (:func:`~ptycho_ml.physics.simulate.varied_training_configs`, ``train_0.npz`` ...) and the held-out
+    test scan. Returns ``(comma-separated training paths, test path)``."""
     from ptycho_ml.physics import simulate
 
-    paths = []
-    for name, cfg in simulate.default_configs(N=N, seed=seed).items():
+    configs = {f"train_{i}": cfg for i, cfg in enumerate(simulate.varied_training_configs(N=N, seed=seed))}
+    configs["test"] = simulate.default_configs(N=N, seed=seed)["test"]
+    paths = {}
+    for name, cfg in configs.items():
         path = output_dir / "data" / f"{name}.npz"
         if not path.exists():
             simulate.write_simulated(simulate.simulate_scan(cfg), path)
-        paths.append(str(path))
-    return paths[0], paths[1]
+        paths[name] = str(path)
+    test = paths.pop("test")
+    return ",".join(paths.values()), test
 
 
 def _training_data(config: TrainingConfig) -> tuple[list[ScanData], ScanData | None]:
@@ -151,6 +157,7 @@ def train(config: TrainingConfig, loggers: list[Any] | None = None, preview_sink
     if config.quiet:
         quiet_lightning()
     scans, test_scan = _training_data(config)
+    config = config.replace(loss=resolve_loss(config.loss, scans))  # the bundle records the loss actually used
     callbacks = []
     if preview_sink is not None and test_scan is not None and config.preview_every_n_epochs > 0:
         callbacks.append(_preview_callback(test_scan, config.preview_every_n_epochs, preview_sink))

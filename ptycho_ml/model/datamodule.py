@@ -85,6 +85,15 @@ def single_mode_probe(scan: ScanData) -> np.ndarray:
     return probe
 
 
+def resolve_loss(loss: str, scans: Sequence[ScanData]) -> str:
+    """The loss ``auto`` stands for: ``hybrid`` (the physics loss plus the ground truth) when every
+    training scan carries its ground-truth object, as simulated scans do; else ``poisson`` (the
+    measurements alone). Any other loss is returned as given."""
+    if loss != "auto":
+        return loss
+    return "hybrid" if all(s.obj is not None for s in scans) else "poisson"
+
+
 class ScanDataModule(L.LightningDataModule):
     """Groups, split and loaders of one or more training scans (see the module docstring).
 
@@ -93,7 +102,7 @@ class ScanDataModule(L.LightningDataModule):
     their scan's index into :attr:`probes`. After :meth:`setup`:
     ``amplitude_scale`` (float, of the first scan, the reference the bundle
     keeps with its probe), ``n_train`` and ``n_val`` (groups), ``good_pixels``
-    (``(N, N)`` bool tensor or None), ``probes`` (``(S, N, N)`` complex64
+    (``(N, N)`` bool tensor or None), ``loss`` (the loss to train with, ``auto`` resolved), ``probes`` (``(S, N, N)`` complex64
     tensor for S > 1 scans, else None: the one scan's probe, modes and all, is the model's).
     """
 
@@ -112,6 +121,7 @@ class ScanDataModule(L.LightningDataModule):
         self.good_pixels = torch.from_numpy(np.logical_and.reduce(masks)) if masks else None
         self.probes = (torch.from_numpy(np.stack([single_mode_probe(s) for s in self.scans]))
                        if len(self.scans) > 1 else None)
+        self.loss = resolve_loss(config.loss, self.scans)
         self._train: Dataset | None = None
         self._val: Dataset | None = None
 
@@ -128,7 +138,7 @@ class ScanDataModule(L.LightningDataModule):
                 val_idx = train_idx[: max(1, len(train_idx) // 20)]
             in_memory = len(scan) * scan.N * scan.N <= limits.TRAIN_IN_MEMORY_MAX_VALUES
             amplitudes = scan.amplitude(slice(0, len(scan))) if in_memory else None
-            targets = self._supervised_targets(scan) if cfg.loss in ("supervised", "hybrid") else None
+            targets = self._supervised_targets(scan) if self.loss in ("supervised", "hybrid") else None
             train_groups, val_groups = _whole_groups(train_idx, groups), _whole_groups(val_idx, groups)
             train_sets.append(GroupDataset(scan, groups[train_groups], offsets[train_groups], amplitudes, targets, index))
             val_sets.append(GroupDataset(scan, groups[val_groups], offsets[val_groups], amplitudes, targets, index))
@@ -138,9 +148,8 @@ class ScanDataModule(L.LightningDataModule):
 
     def _supervised_targets(self, scan: ScanData) -> np.ndarray:
         """Ground-truth patches ``(M, N, N) complex64`` for the supervised and hybrid losses."""
-        cfg_loss = self.config.loss
         if scan.obj is None:
-            raise PtychoInputError(f"{scan.source}: field 'objectGuess': missing, expected ground truth for loss='{cfg_loss}'")
+            raise PtychoInputError(f"{scan.source}: field 'objectGuess': missing, expected ground truth for loss='{self.loss}'")
         with torch.no_grad():
             return extract_patches(torch.from_numpy(np.asarray(scan.obj)),
                                    torch.from_numpy(scan.positions_px.astype(np.float32)), scan.N).numpy()

@@ -132,7 +132,7 @@ def fit(config: TrainingConfig, scan: ScanData | Sequence[ScanData], loggers: li
     reference = data.scan
     model_cfg = config.model.replace(N=reference.N) if config.model.N != reference.N else config.model
     data.setup("fit")  # the amplitude scale is part of the model
-    module = PtychoLitModule(model_cfg.to_dict(), torch.from_numpy(reference.probe), data.amplitude_scale, config.loss,
+    module = PtychoLitModule(model_cfg.to_dict(), torch.from_numpy(reference.probe), data.amplitude_scale, data.loss,
                              config.learning_rate, config.weight_decay, config.lr_schedule, config.epochs,
                              data.good_pixels, data.probes)
     ckpt_dir = output_dir / "checkpoints"
