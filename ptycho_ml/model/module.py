@@ -64,7 +64,9 @@ class PtychoLitModule(L.LightningModule):
                  lr_schedule: str = "cosine", max_epochs: int = 30, good_pixels: torch.Tensor | None = None,
                  probes: torch.Tensor | None = None):
         super().__init__()
-        self.save_hyperparameters({"model_config": model_config, "loss": loss, "learning_rate": learning_rate,
+        # "loss_kind", not "loss": under `mlflow run` the run already holds the parameter `loss` as given
+        # (e.g. "auto"), and MLflow refuses a second value for a logged parameter.
+        self.save_hyperparameters({"model_config": model_config, "loss_kind": loss, "learning_rate": learning_rate,
                                    "weight_decay": weight_decay, "lr_schedule": lr_schedule,
                                    "max_epochs": max_epochs, "amplitude_scale": float(amplitude_scale)})
         self.model = DiffractionToObject(ModelConfig.from_dict(model_config), probe, amplitude_scale)
@@ -79,7 +81,7 @@ class PtychoLitModule(L.LightningModule):
         amplitude, offsets, probe_index = batch[0], batch[1], batch[2]
         target = batch[3] if len(batch) > 3 else None
         probe = self.probes[probe_index][:, None] if self.probes.numel() else None  # (B, 1, N, N): each group's own
-        loss, _ = physics_step(self.model, amplitude, offsets, self.hparams.loss, self._mask(), target, probe)
+        loss, _ = physics_step(self.model, amplitude, offsets, self.hparams.loss_kind, self._mask(), target, probe)
         # sync_dist: epoch means are reduced across processes under DDP (a no-op on one).
         self.log(f"{stage}_loss", loss, prog_bar=True, on_epoch=True, on_step=False, batch_size=amplitude.shape[0],
                  sync_dist=True)
