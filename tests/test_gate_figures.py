@@ -47,3 +47,23 @@ def test_one_epoch_tiny_model_is_refused_for_production_by_every_path(tmp_path):
     load = _cli(["evaluate", "--alias", "champion", "--data", str(test_scan), "--refine-steps", "0"], env, tmp_path)
     assert load.returncode == 2 and "fails the @champion gate: test_network_amplitude_ssim" in load.stderr, load.stderr
     assert len(load.stderr.strip().splitlines()) == 1
+
+
+def test_the_default_main_job_model_passes_production_and_champion(tmp_path):
+    """`mlflow run . -P backend=torch` as the README gives it (environment local): its model is accepted."""
+    from mlflow import MlflowClient
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "PTYCHO_ML_ALLOW_UNGATED")}
+    env.update(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", PTYCHO_ML_POLICY=str(ROOT / "registry" / "policy.toml"),
+               PYTHONUNBUFFERED="1")
+    run = subprocess.run(["mlflow", "run", str(ROOT), "-P", "backend=torch", "-P", f"out={tmp_path / 'main'}",
+                          "--env-manager", "local"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=2400)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    tags = MlflowClient(env["MLFLOW_TRACKING_URI"]).get_model_version("ptychopinn", "1").tags
+    assert tags["ptycho_ml.gate.stage.Production"] == "pass", tags
+    assert tags["ptycho_ml.gate.alias.champion"] == "pass"
+    promoted = _cli(["promote", "--version", "1", "--stage", "Production", "--alias", "champion"], env, tmp_path)
+    assert promoted.returncode == 0, promoted.stderr
+    test_scan = tmp_path / "main" / "data" / "test.npz"
+    load = _cli(["evaluate", "--alias", "champion", "--data", str(test_scan), "--refine-steps", "0"], env, tmp_path)
+    assert load.returncode == 0, load.stderr
