@@ -65,3 +65,17 @@ def test_separate_pieces_are_each_synchronised():
     for part in (synced[:len(patches)], synced[len(patches):]):
         ratio = (part * patches.conj()).sum(dim=(-2, -1))
         assert float(torch.angle(ratio * ratio[0].conj()).abs().max()) < 0.05
+
+
+def test_the_anchor_ties_patches_to_their_own_phase():
+    # Patches that are already right: a strong anchor leaves them as they are, none lets them float
+    # by one global phase only; a weak anchor on scrambled patches still removes the scrambling.
+    scan, patches, positions, probe = _true_patches()
+    weight = physics.intensity_of(probe)
+    kept = synchronise_phases(patches, positions, weight, anchor=100.0)
+    assert float(torch.angle((kept * patches.conj()).sum(dim=(-2, -1))).abs().max()) < 0.01
+    offsets = torch.from_numpy(np.random.default_rng(3).uniform(-np.pi, np.pi, len(patches)).astype(np.float32))
+    scrambled = patches * torch.polar(torch.ones_like(offsets), offsets)[:, None, None]
+    weak = synchronise_phases(scrambled, positions, weight, anchor=1e-3)
+    ratio = (weak * patches.conj()).sum(dim=(-2, -1))
+    assert float(torch.angle(ratio * ratio[0].conj()).abs().max()) < 0.1
