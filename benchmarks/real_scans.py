@@ -6,8 +6,10 @@ simulated with a true probe and true positions that differ from the ones
 written in the file (:mod:`ptycho_ml.physics.scan_errors`): defocus error
 ±20 %, astigmatism, two true incoherent modes written as one, position noise
 0.5 and 1 px plus a slow drift, and an exact scan (no error: the regression
-check). On each, the same model reconstructs with the default settings and
-with each refinement switch, and pty-chi LSQ-ML (``ptychi_baseline.py``, one
+check). On each, the same model reconstructs with the default settings (the
+automatic choice of :func:`ptycho_ml.physics.refine.refine_auto`, whose choice is
+shown), with the object alone (``refine_auto=False``, the default before it)
+and with each refinement switch, and pty-chi LSQ-ML (``ptychi_baseline.py``, one
 thread, same data) runs with probe and position refinement on; its object's
 amplitude scale, which it leaves free, is fitted to the truth before scoring
 (:func:`fit_amplitude_scale`).
@@ -65,6 +67,7 @@ SCANS: dict[str, ScanErrorConfig] = {
 
 #: Our methods: name -> InferenceConfig changes over the default.
 METHODS: dict[str, dict] = {
+    "object only": {"refine_auto": False},
     "default": {},
     "+probe": {"refine_probe": True},
     "+probe 2 modes": {"refine_probe": True, "probe_modes": 2},
@@ -151,7 +154,15 @@ def evaluate(model, name: str, path: Path, refine_steps: int, ptychi_epochs: int
         result = reconstruct(model, scan, cfg)
         seconds = time.perf_counter() - t0
         rows[method] = score(result.obj, result.probe, result.positions_px, scan, truth_probe, truth_positions, seconds)
+        if result.auto_refinement is not None:
+            rows[method]["auto_refinement"] = result.auto_refinement
     return {"scan": name, "path": str(path), "n_patterns": len(scan), "rows": rows}
+
+
+def label(method: str, row: dict) -> str:
+    """The method's name, with what the automatic refinement chose when it ran."""
+    auto = row.get("auto_refinement")
+    return f"{method} (auto: {auto['chosen']})" if auto and auto.get("fit_ratios") else method
 
 
 def print_table(result: dict) -> None:
@@ -162,7 +173,7 @@ def print_table(result: dict) -> None:
           f"{'probe err':>9s} {'pos RMS px':>12s} {'non-affine':>12s} {'s':>6s} {'time/pty-chi':>12s}")
     for method, r in rows.items():
         ratio = f"{r['seconds'] / ref:.3f}" if ref else "-"
-        print(f"{method:38s} {r['amplitude_ssim']:8.4f} {r['phase_ssim']:8.4f} {r['amplitude_psnr']:8.2f} "
+        print(f"{label(method, r):38s} {r['amplitude_ssim']:8.4f} {r['phase_ssim']:8.4f} {r['amplitude_psnr']:8.2f} "
               f"{r['phase_psnr']:8.2f} {r['amplitude_frc_px']:8.2f} {r['probe_error']:9.3f} "
               f"{r['position_rms_before_px']:5.2f}->{r['position_rms_after_px']:5.2f} "
               f"{r['position_rms_nonaffine_before_px']:5.2f}->{r['position_rms_nonaffine_after_px']:5.2f} "
@@ -179,7 +190,7 @@ def markdown(results: list[dict]) -> str:
         ref = next((r["seconds"] for k, r in rows.items() if k.startswith("pty-chi")), None)
         for method, r in rows.items():
             ratio = f"{r['seconds'] / ref:.3f}" if ref else "-"
-            lines.append(f"| {result['scan']} | {method} | {r['amplitude_ssim']:.4f} | {r['phase_ssim']:.4f} | "
+            lines.append(f"| {result['scan']} | {label(method, r)} | {r['amplitude_ssim']:.4f} | {r['phase_ssim']:.4f} | "
                          f"{r['amplitude_psnr']:.2f} | {r['phase_psnr']:.2f} | {r['amplitude_frc_px']:.2f} | "
                          f"{r['probe_error']:.3f} | {r['position_rms_before_px']:.2f} ({r['position_rms_nonaffine_before_px']:.2f}) → "
                          f"{r['position_rms_after_px']:.2f} ({r['position_rms_nonaffine_after_px']:.2f}) | "

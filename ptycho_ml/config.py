@@ -310,6 +310,14 @@ class InferenceConfig(ConfigBase):
     refine_intensity: bool = False
     probe_modes: int = 1
     probe_support_px: float = 0.0  # radius of a circular probe support (0 = none)
+    # With no switch above on: refine the probe and/or the positions only where the fit says the scan
+    # needs it (ptycho_ml.physics.refine.refine_auto); off = the object alone, as before.
+    refine_auto: bool = True
+
+    @property
+    def explicit_refinement(self) -> bool:
+        """Whether a switch (probe, positions, intensity) says what to refine, which overrides ``refine_auto``."""
+        return self.refine_probe or self.refine_positions or self.refine_intensity
 
     def validate(self) -> None:
         name = type(self).__name__

@@ -11,8 +11,9 @@ or, compactly, as a Parquet DataFrame whose ``diffraction`` column holds each
 frame flattened (MLflow reshapes it by the signature). Params: ``output``
 (``object`` | ``patches``), ``refine_steps`` (default 0, for latency),
 ``obj_height``/``obj_width`` (default: just big enough for the positions),
-``refine_probe``, ``refine_positions``, ``refine_intensity`` (default false)
-and ``probe_modes`` (default 1), as ``ptycho-ml reconstruct``'s flags.
+``refine_probe``, ``refine_positions``, ``refine_intensity`` (default false),
+``probe_modes`` (default 1), ``probe_support_px`` (default 0) and
+``refine_auto`` (default true), as ``ptycho-ml reconstruct``'s flags.
 Output: ``{"amplitude", "phase"}`` arrays of the stitched object ``(H, W)``
 or of the patches ``(B, N, N)``, beside them the strings that name the model
 (``bundle_sha256``, and ``run_id`` when its ``MLmodel`` records one;
@@ -83,7 +84,8 @@ def model_signature(N: int) -> ModelSignature:
     params = ParamSchema([ParamSpec("output", "string", "object"), ParamSpec("refine_steps", "long", 0),
                           ParamSpec("obj_height", "long", 0), ParamSpec("obj_width", "long", 0),
                           ParamSpec("refine_probe", "boolean", False), ParamSpec("refine_positions", "boolean", False),
-                          ParamSpec("refine_intensity", "boolean", False), ParamSpec("probe_modes", "long", 1)])
+                          ParamSpec("refine_intensity", "boolean", False), ParamSpec("probe_modes", "long", 1),
+                          ParamSpec("probe_support_px", "double", 0.0), ParamSpec("refine_auto", "boolean", True)])
     return ModelSignature(inputs=inputs, params=params)
 
 
@@ -205,7 +207,8 @@ def _bad_request(message: str) -> MlflowException:
 
 
 #: Joint-refinement params, passed as they are to InferenceConfig (same names as the CLI flags).
-REFINEMENT_PARAMS = ("refine_probe", "refine_positions", "refine_intensity", "probe_modes")
+REFINEMENT_PARAMS = ("refine_probe", "refine_positions", "refine_intensity", "probe_modes", "probe_support_px",
+                     "refine_auto")
 
 
 #: What a response says about the model that answered, under the same names as ``ptycho-ml serve``'s

@@ -27,7 +27,8 @@ from ptycho_ml.model.bundle_io import save_model_bundle
 from ptycho_ml.model.network import DiffractionToObject
 from ptycho_ml.physics import simulate
 from ptycho_ml.physics.forward import intensity_of
-from ptycho_ml.physics.refine import initial_modes, orthogonalise_modes, refine_joint, refine_object
+from ptycho_ml.physics.refine import (FIT_RATIO_LIMIT, deviance_ratio, initial_modes, orthogonalise_modes, refine_auto,
+                                     refine_joint, refine_object)
 from ptycho_ml.physics.scan_errors import simulate_with_errors
 from simdata import tiny_config
 from test_ptychodus import ptychodus_python, run_oracle  # noqa: F401  (the ptychodus venv fixture and oracle runner)
@@ -266,8 +267,9 @@ def test_cli_refines_probe_and_positions_and_writes_them(bundle, tmp_path):
 def test_default_reconstruction_writes_the_file_probe_and_positions(bundle, tiny_npz, tmp_path):
     out = tmp_path / "rec"
     result = CliRunner().invoke(main, ["reconstruct", "--bundle", str(bundle), "--data", str(tiny_npz), "--out", str(out),
-                                       "--refine-steps", "2", "--quiet"])
+                                       "--refine-steps", "2", "--refine-auto", "false", "--quiet"])
     assert result.exit_code == 0, result.output
+    assert "auto_refinement" not in json.loads((out / "summary.json").read_text())
     scan = load_scan(tiny_npz)
     probe, positions = read_probe_positions(str(out / "object.h5"))
     np.testing.assert_array_equal(probe[0], scan.probe)
@@ -311,14 +313,15 @@ def test_evaluate_takes_the_refinement_flags(bundle, tmp_path):
     sim = simulate_with_errors(tiny_config(), ScanErrorConfig(defocus_error=0.5))
     data = simulate.write_simulated(sim, tmp_path / "scan.npz")
     scores = {}
-    for label, flags in (("fixed", []), ("probe", ["--refine-probe"])):
+    for label, flags in (("fixed", ["--refine-auto", "false"]), ("probe", ["--refine-probe"]), ("auto", [])):
         out = tmp_path / f"{label}.json"
         result = CliRunner().invoke(main, ["evaluate", "--bundle", str(bundle), "--data", str(data), "--refine-steps", "30",
                                            *flags, "--json", str(out)])
         assert result.exit_code == 0, result.output
         scores[label] = json.loads(out.read_text())
-    # the file probe is 50 % off in defocus: refining it gives a better object
+    # the file probe is 50 % off in defocus: refining it gives a better object, by the switch or by default
     assert scores["probe"]["refined_amplitude_ssim"] > scores["fixed"]["refined_amplitude_ssim"] + 0.02
+    assert scores["auto"]["refined_amplitude_ssim"] > scores["fixed"]["refined_amplitude_ssim"] + 0.02
 
 
 @pytest.mark.interop
@@ -355,10 +358,87 @@ def test_the_benchmark_smoke_run_scores_each_method(bundle, tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     assert bench.main(["--bundle", str(bundle), "--workdir", str(tmp_path), "--N", "32", "--no-ptychi",
-                       "--scans", "pos 1px+drift", "--methods", "default,+positions", "--refine-steps", "20"]) == 0
+                       "--scans", "pos 1px+drift", "--methods", "object only,default,+positions",
+                       "--refine-steps", "20"]) == 0
     result = json.loads((tmp_path / "real_scans_N32.json").read_text())["results"][0]
     rows = result["rows"]
-    assert set(rows) == {"default", "+positions"}
-    assert rows["default"]["position_rms_after_px"] == rows["default"]["position_rms_before_px"] > 0.5
-    assert rows["+positions"]["position_rms_after_px"] < rows["default"]["position_rms_after_px"]
+    assert set(rows) == {"object only", "default", "+positions"}
+    assert rows["object only"]["position_rms_after_px"] == rows["object only"]["position_rms_before_px"] > 0.5
+    assert rows["+positions"]["position_rms_after_px"] < rows["object only"]["position_rms_after_px"]
+    assert rows["default"]["auto_refinement"]["chosen"] == "positions"  # the data asked for it
+    assert rows["default"]["position_rms_after_px"] < rows["object only"]["position_rms_after_px"]
     assert "| pos 1px+drift | +positions |" in (tmp_path / "real_scans_N32.md").read_text()
+
+
+# ----------------------------------------------------------------------------- the automatic choice
+
+
+def test_deviance_ratio_is_one_for_the_truth_and_large_for_a_wrong_probe(defocused, jittered):
+    exact = simulate.simulate_scan(tiny_config())
+    truth = deviance_ratio(torch.from_numpy(exact.obj), _scan(exact), torch.from_numpy(exact.probe))
+    assert 0.9 < truth < 1.1, truth  # the data are explained to the noise
+    for sim in (defocused, jittered):  # the file's probe or positions, with the true object
+        assert deviance_ratio(torch.from_numpy(sim.obj), _scan(sim), torch.from_numpy(sim.probe)) > 10
+        # ... and the true ones explain the data again
+        truth = deviance_ratio(torch.from_numpy(sim.obj), _scan(sim), torch.from_numpy(sim.probe_true), sim.positions_true_px)
+        assert 0.9 < truth < 1.1, truth
+
+
+def test_auto_leaves_a_scan_the_object_explains_as_the_object_refinement_alone():
+    exact = simulate.simulate_scan(tiny_config())
+    scan, probe = _scan(exact), torch.from_numpy(exact.probe)
+    result, report = refine_auto(_flat(exact), scan, probe, 80)
+    plain = refine_object(_flat(exact), scan, probe, 80)
+    assert report.chosen == "object" and list(report.fit_ratios) == ["object"]
+    assert report.fit_ratios["object"] <= FIT_RATIO_LIMIT
+    assert torch.equal(result.obj, plain.obj)  # bit-identical: nothing else was tried
+    np.testing.assert_array_equal(result.positions_px, exact.positions_px)
+
+
+def test_auto_refines_the_probe_of_a_scan_whose_probe_is_wrong(defocused):
+    scan, start = _scan(defocused), torch.from_numpy(defocused.probe)
+    result, report = refine_auto(_flat(defocused), scan, start, 40)
+    fixed = refine_object(_flat(defocused), scan, start, 40)
+    assert report.fit_ratios["object"] > FIT_RATIO_LIMIT and "probe" in report.chosen
+    assert report.fit_ratios[report.chosen] < 0.2 * report.fit_ratios["object"]
+    assert _probe_error(result.probe.numpy(), defocused.probe_true) < 0.75 * _probe_error(defocused.probe, defocused.probe_true)
+    assert float(intensity_of(result.probe).sum()) == pytest.approx(float(intensity_of(start).sum()), rel=1e-4)
+    error = {name: float(np.abs(np.abs(r.obj.numpy()) - np.abs(defocused.obj))[20:52, 20:52].mean())
+             for name, r in (("auto", result), ("fixed", fixed))}
+    assert error["auto"] < error["fixed"], error
+
+
+def test_auto_corrects_the_positions_of_a_scan_whose_positions_are_wrong(jittered):
+    scan = _scan(jittered)
+    result, report = refine_auto(_flat(jittered), scan, torch.from_numpy(jittered.probe), 40)
+    assert report.chosen == "positions", report
+    assert report.fit_ratios["positions"] < FIT_RATIO_LIMIT  # explained once the positions are right
+    before = _rms_px(jittered.positions_px - jittered.positions_true_px)
+    assert _rms_px(result.positions_px - jittered.positions_true_px) < 0.4 * before
+    torch.testing.assert_close(result.probe[0], torch.from_numpy(jittered.probe))  # the probe was right: kept
+
+
+def test_auto_does_not_judge_data_that_are_not_counts(defocused):
+    """Normalised diffraction (not photon counts) has no Poisson yardstick: the object alone, and the reason said."""
+    scaled = ScanData(defocused.amplitude * np.float32(0.37), defocused.probe * np.float32(0.37), defocused.positions_px,
+                      defocused.obj.shape, defocused.obj, source="<normalised>")
+    result, report = refine_auto(_flat(defocused), scaled, torch.from_numpy(scaled.probe), 6)
+    assert report.chosen == "object" and report.fit_ratios == {} and "not photon counts" in report.skipped
+    assert torch.equal(result.obj, refine_object(_flat(defocused), scaled, torch.from_numpy(scaled.probe), 6).obj)
+
+
+def test_default_reconstruction_refines_the_probe_the_data_reject(bundle, tmp_path):
+    """The CLI default (no switch): a scan with a wrong file probe gets its probe refined, and says so."""
+    sim = simulate_with_errors(tiny_config(), ScanErrorConfig(defocus_error=0.5))
+    data = simulate.write_simulated(sim, tmp_path / "scan.npz")
+    out = tmp_path / "rec"
+    result = CliRunner().invoke(main, ["reconstruct", "--bundle", str(bundle), "--data", str(data), "--out", str(out),
+                                       "--refine-steps", "40", "--quiet"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    auto = summary["auto_refinement"]
+    assert auto["fit_ratios"]["object"] > auto["limit"] and "probe" in auto["chosen"]
+    assert f"refinement: {auto['chosen']} refined too" in result.output
+    probe, _ = read_probe_positions(str(out / "object.h5"))
+    assert probe.shape == (2, 32, 32)  # the automatic probe refinement learns two modes
+    assert _probe_error(probe, sim.probe_true) < _probe_error(sim.probe, sim.probe_true)

@@ -268,15 +268,22 @@ def _refinement_options(f):
         click.option("--probe-modes", default=None, type=int,
                      help="Incoherent probe modes to refine (with --refine-probe; default 1, at most 8; "
                           "a file probe with more keeps its strongest, power kept)."),
+        click.option("--probe-support-px", default=None, type=float,
+                     help="Radius (px) of a circular support the refined probe is kept inside (default 0 = none)."),
+        click.option("--refine-auto", type=click.BOOL, is_flag=False, flag_value=True, default=None,
+                     help="With no switch above: refine the probe and/or positions too where the data are not "
+                          "explained by the object alone (default true; false = the object only)."),
     ]):
         f = opt(f)
     return f
 
 
-def _refinement_settings(refine_probe, refine_positions, refine_intensity, probe_modes) -> dict:
+def _refinement_settings(refine_probe, refine_positions, refine_intensity, probe_modes, probe_support_px,
+                         refine_auto) -> dict:
     """The InferenceConfig fields of the refinement flags (None: not given, the config default)."""
     return {"refine_probe": refine_probe, "refine_positions": refine_positions,
-            "refine_intensity": refine_intensity, "probe_modes": probe_modes}
+            "refine_intensity": refine_intensity, "probe_modes": probe_modes, "probe_support_px": probe_support_px,
+            "refine_auto": refine_auto}
 
 
 def _reconstruction_options(f):
@@ -296,7 +303,7 @@ def _reconstruction_options(f):
 
 
 def inference_config(refine_steps, refine_method, refine_probe, refine_positions, refine_intensity, probe_modes,
-                     batch_size, threads, quiet):
+                     probe_support_px, refine_auto, batch_size, threads, quiet):
     """The :class:`~ptycho_ml.config.InferenceConfig` of the reconstruction flags (a flag not given keeps the default)."""
     from ptycho_ml.config import InferenceConfig
 
@@ -304,7 +311,8 @@ def inference_config(refine_steps, refine_method, refine_probe, refine_positions
                                                         "batch_size": batch_size, "threads": threads,
                                                         "progress": not quiet,
                                                         **_refinement_settings(refine_probe, refine_positions,
-                                                                               refine_intensity, probe_modes)}.items()
+                                                                               refine_intensity, probe_modes,
+                                                                               probe_support_px, refine_auto)}.items()
                                       if v is not None})
 
 
@@ -316,8 +324,8 @@ def inference_config(refine_steps, refine_method, refine_probe, refine_positions
 @_reconstruction_options
 @_mlflow_option
 def reconstruct(bundle, model_uri, name, stage, alias, model_version, data, product, out_dir, refine_steps,
-                refine_method, refine_probe, refine_positions, refine_intensity, probe_modes, batch_size, threads,
-                metrics, quiet, track):
+                refine_method, refine_probe, refine_positions, refine_intensity, probe_modes, probe_support_px,
+                refine_auto, batch_size, threads, metrics, quiet, track):
     """Reconstruct every pattern of a scan, stitch, refine; writes object.h5, PNGs and product.h5."""
     from ptycho_ml.data.readers import load_scan
     from ptycho_ml.inference.outputs import run_reconstruction
@@ -326,7 +334,7 @@ def reconstruct(bundle, model_uri, name, stage, alias, model_version, data, prod
     if not (bundle or model_uri or stage or alias or model_version):
         raise PtychoInputError("no model given: expected --bundle PATH or --model URI (or --name with --stage/--alias/--version)")
     cfg = inference_config(refine_steps, refine_method, refine_probe, refine_positions, refine_intensity, probe_modes,
-                           batch_size, threads, quiet)
+                           probe_support_px, refine_auto, batch_size, threads, quiet)
     scan = load_scan(data, product=product)
     model, source = _load_model(bundle, model_uri, name, stage, alias, model_version)
     summary = run_reconstruction(model, scan, cfg, out_dir, provenance=source, with_metrics=metrics)
@@ -336,7 +344,8 @@ def reconstruct(bundle, model_uri, name, stage, alias, model_version, data, prod
         log_reconstruction({"model": source["uri"], "model_version": source["version"] or "", "data": data,
                             "refine_steps": cfg.refine_steps, "refine_probe": cfg.refine_probe,
                             "refine_positions": cfg.refine_positions, "refine_intensity": cfg.refine_intensity,
-                            "probe_modes": cfg.probe_modes}, summary, out_dir)
+                            "probe_modes": cfg.probe_modes, "probe_support_px": cfg.probe_support_px,
+                            "refine_auto": cfg.refine_auto}, summary, out_dir)
     from ptycho_ml.lifecycle.registry import describe_provenance
 
     click.echo(f"model: {describe_provenance(source)}")
@@ -357,7 +366,7 @@ def reconstruct(bundle, model_uri, name, stage, alias, model_version, data, prod
               help="With a model: also measure network start + K passes against flat start + 30 (passes and time saved).")
 @_mlflow_option
 def evaluate(recon, bundle, model_uri, name, stage, alias, model_version, data, refine_steps, refine_probe,
-             refine_positions, refine_intensity, probe_modes, json_out, warm_start, track):
+             refine_positions, refine_intensity, probe_modes, probe_support_px, refine_auto, json_out, warm_start, track):
     """SSIM, PSNR, MAE and FRC (amplitude and phase) of a reconstruction against ground truth."""
     from ptycho_ml.inference.evaluate import evaluate_against_truth
 
@@ -368,7 +377,8 @@ def evaluate(recon, bundle, model_uri, name, stage, alias, model_version, data, 
             raise PtychoInputError("nothing to evaluate: expected --reconstruction object.h5, --bundle PATH or --model URI")
         model, source = _load_model(bundle, model_uri, name, stage, alias, model_version)
     refinement = {k: v for k, v in _refinement_settings(refine_probe, refine_positions, refine_intensity,
-                                                        probe_modes).items() if v is not None}
+                                                        probe_modes, probe_support_px, refine_auto).items()
+                  if v is not None}
     table, metrics = evaluate_against_truth(data, reconstruction=recon, model=model, refine_steps=refine_steps,
                                             refinement=refinement)
     if warm_start:

@@ -24,8 +24,8 @@ from ptycho_ml.errors import PtychoInputError
 @click.option("--master", default=None, help="Spark master with --engine spark, e.g. local[2] (default: spark-submit's, else local[*]).")
 @_reconstruction_options
 def batch(bundle, model_uri, name, stage, alias, model_version, scans, out_dir, engine, master, refine_steps,
-          refine_method, refine_probe, refine_positions, refine_intensity, probe_modes, batch_size, threads, metrics,
-          quiet):
+          refine_method, refine_probe, refine_positions, refine_intensity, probe_modes, probe_support_px, refine_auto,
+          batch_size, threads, metrics, quiet):
     """Reconstruct many scans (the files `reconstruct` writes, per scan) and write one summary table."""
     from ptycho_ml.lifecycle.batch import run_batch
     from ptycho_ml.lifecycle.registry import describe_provenance
@@ -36,7 +36,7 @@ def batch(bundle, model_uri, name, stage, alias, model_version, scans, out_dir, 
     if master and engine != "spark":
         raise PtychoInputError(f"--master: found '{master}' with --engine {engine}, expected --engine spark")
     cfg = inference_config(refine_steps, refine_method, refine_probe, refine_positions, refine_intensity, probe_modes,
-                           batch_size, threads, quiet)
+                           probe_support_px, refine_auto, batch_size, threads, quiet)
     model, source = _load_model(bundle, model_uri, name, stage, alias, model_version)
     click.echo(f"model: {describe_provenance(source)}")
     rows, table = run_batch(model, source, scans, out_dir, cfg, engine=engine, master=master, with_metrics=metrics)

@@ -148,6 +148,19 @@ def refinement_summary(scan: ScanData, result: ReconstructionResult) -> dict[str
     return out
 
 
+def describe_auto_refinement(report: dict[str, Any]) -> str:
+    """One line on what the automatic refinement found and kept (``summary.json``'s ``auto_refinement``)."""
+    if report.get("skipped"):
+        return f"refinement: object only ({report['skipped']})"
+    ratios = report["fit_ratios"]
+    if "object" not in ratios:
+        return "refinement: object only"
+    first = f"data/noise deviance {ratios['object']:.2f} with the object alone (limit {report['limit']:.2f})"
+    if report["chosen"] == "object":
+        return f"refinement: object only; {first}"
+    return f"refinement: {report['chosen']} refined too; {first}, {ratios[report['chosen']]:.2f} after"
+
+
 def run_reconstruction(model: DiffractionToObject, scan: ScanData, cfg: InferenceConfig, out: str,
                        provenance: dict[str, Any] | None = None, with_metrics: bool = True) -> dict[str, Any]:
     """Reconstruct ``scan`` and write to ``out`` (a directory or ``s3://`` prefix):
@@ -173,6 +186,8 @@ def run_reconstruction(model: DiffractionToObject, scan: ScanData, cfg: Inferenc
         summary: dict[str, Any] = {"source": scan.source, "model": model_source, "provenance": provenance,
                                    "n_patterns": result.n_patterns, "timings_s": result.timings_s,
                                    "inference": cfg.to_dict(), **refinement_summary(scan, result)}
+        if result.auto_refinement is not None:
+            summary["auto_refinement"] = result.auto_refinement
         # Preview crop: the box the scan centres cover (cheap for any object size).
         region = centres_box(scan.positions_px, scan.obj_shape)
         if with_metrics and scan.obj is not None and scan.obj.shape == result.obj.shape:
@@ -184,19 +199,21 @@ def run_reconstruction(model: DiffractionToObject, scan: ScanData, cfg: Inferenc
                         intensity_scale=result.intensity_scale)
         write_previews(loc.path, result.obj, title="reconstructed", region=region)
         write_probe_preview(loc.path, scan.probe if result.probe is None else result.probe,
-                            title="refined probe" if cfg.refine_steps and cfg.refine_probe else "probe")
+                            title="refined probe" if "probe" in result.refined else "probe")
         write_product_for(loc.path / "product.h5", scan, result, provenance)
         (loc.path / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
         summary["lines"] = [loc.describe(n) for n in OUTPUT_FILES]
     t = result.timings_s
     summary["lines"].append(f"{result.n_patterns} patterns: network {t.get('network_s', 0):.2f} s, "
                             f"refinement {t.get('refine_s', t.get('finetune_s', 0)):.2f} s ({cfg.refine_steps} steps)")
-    if cfg.refine_steps and cfg.refine_probe and "probe" in summary:
+    if result.auto_refinement is not None:
+        summary["lines"].append(describe_auto_refinement(result.auto_refinement))
+    if "probe" in result.refined and "probe" in summary:
         p = summary["probe"]
         summary["lines"].append(f"probe: {p['modes']} mode(s), power shares "
                                 + ", ".join(f"{f:.0%}" for f in p["power_fractions"])
                                 + f"; intensity changed by {p['intensity_change']:.1%}")
-    if cfg.refine_steps and cfg.refine_positions and "positions" in summary:
+    if "positions" in result.refined and "positions" in summary:
         q = summary["positions"]
         summary["lines"].append(f"positions corrected: RMS {q['rms_correction_px']:.3f} px, max {q['max_correction_px']:.3f} px")
     if "metrics" in summary:

@@ -25,7 +25,7 @@ from ptycho_ml.errors import PtychoInputError
 from ptycho_ml.model.network import DiffractionToObject
 from ptycho_ml.inference.phase_sync import synchronise_phases
 from ptycho_ml.physics.forward import intensity_of
-from ptycho_ml.physics.refine import refine_joint
+from ptycho_ml.physics.refine import AUTO_PROBE_MODES, refine_auto, refine_joint
 from ptycho_ml.physics.stitching import Stitcher
 
 
@@ -50,6 +50,10 @@ class ReconstructionResult:
     probe: np.ndarray | None = None
     positions_px: np.ndarray | None = None
     intensity_scale: np.ndarray | None = None
+    #: What the refinement refined beyond the object (``"probe"``, ``"positions"``, ``"intensity"``).
+    refined: tuple[str, ...] = ()
+    #: The automatic choice (:meth:`~ptycho_ml.physics.refine.AutoRefineReport.to_dict`), when it ran.
+    auto_refinement: dict | None = None
 
 
 def check_compatible(model: DiffractionToObject, scan: ScanData) -> None:
@@ -250,20 +254,33 @@ def reconstruct(model: DiffractionToObject, scan: ScanData, cfg: InferenceConfig
     network_obj = obj.clone() if cfg.refine_steps else obj  # no copy of a large object unless refinement changes it
     history: list[float] = []
     refined = None
+    auto_report: dict | None = None
+    what: tuple[str, ...] = ()
     if cfg.refine_steps and cfg.refine_method == "object":
         t2 = time.perf_counter()
         amplitudes = refinement_amplitudes(scan)
+        auto = cfg.refine_auto and not cfg.explicit_refinement
         with _progress(cfg.refine_steps, "refine", cfg.progress, unit="pass") as bar:
-            refined = refine_joint(obj, scan, probe, cfg.refine_steps, amplitudes=amplitudes,
-                                   refine_probe=cfg.refine_probe, refine_positions=cfg.refine_positions,
-                                   refine_intensity=cfg.refine_intensity, probe_modes=cfg.probe_modes,
-                                   probe_support_px=cfg.probe_support_px, on_step=lambda i, loss: bar.update(1))
+            if auto:
+                refined, report = refine_auto(obj, scan, probe, cfg.refine_steps, probe_modes=AUTO_PROBE_MODES,
+                                              probe_support_px=cfg.probe_support_px, amplitudes=amplitudes,
+                                              on_step=lambda i, loss: bar.update(1))
+                auto_report = report.to_dict()
+                what = tuple(report.chosen.split("+")) if report.chosen != "object" else ()
+            else:
+                refined = refine_joint(obj, scan, probe, cfg.refine_steps, amplitudes=amplitudes,
+                                       refine_probe=cfg.refine_probe, refine_positions=cfg.refine_positions,
+                                       refine_intensity=cfg.refine_intensity, probe_modes=cfg.probe_modes,
+                                       probe_support_px=cfg.probe_support_px, on_step=lambda i, loss: bar.update(1))
+                what = tuple(k for k, on in (("probe", cfg.refine_probe), ("positions", cfg.refine_positions),
+                                             ("intensity", cfg.refine_intensity)) if on)
         obj, history = refined.obj, refined.loss_history
         timings["refine_s"] = time.perf_counter() - t2
     timings["total_s"] = time.perf_counter() - t0
     extra = {}
     if refined is not None:
         extra = {"probe": refined.probe.numpy(), "positions_px": refined.positions_px,
-                 "intensity_scale": refined.intensity_scale if cfg.refine_intensity else None}
+                 "intensity_scale": refined.intensity_scale if "intensity" in what else None,
+                 "refined": what, "auto_refinement": auto_report}
     return ReconstructionResult(obj.numpy(), network_obj.numpy(), illumination.numpy(), timings, history, len(scan),
                                 **extra)
