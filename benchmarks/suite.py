@@ -15,7 +15,9 @@ for training:
 
 For each scan, in one process, one after the other: the network alone;
 network + K refinement passes and a flat start + K passes for K in
-``--passes`` (default 0, 2, 5, 8, 10, 30); optionally pty-chi LSQ-ML
+``--passes`` (default 0, 2, 5, 8, 10, 30); the default pipeline as
+``ptycho-ml reconstruct`` runs it (network + 30 passes with the automatic
+choice of what else to refine, timed whole); optionally pty-chi LSQ-ML
 (``benchmarks/ptychi_baseline.py``, probe fixed, same data); SSIM, PSNR and
 FRC and wall time for each. It prints a table, writes ``suite.json`` and
 draws one passes-vs-SSIM plot per scan (``<scan>.png``) into ``--out``.
@@ -47,7 +49,8 @@ from ptycho_ml.data import load_scan
 from ptycho_ml.data.ptychopinn import write_ptychopinn
 from ptycho_ml.inference import metrics
 from ptycho_ml.inference.evaluate import refine_curve
-from ptycho_ml.inference.reconstruct import inference_probe, network_object
+from ptycho_ml.config import InferenceConfig
+from ptycho_ml.inference.reconstruct import inference_probe, network_object, reconstruct
 from ptycho_ml.model.bundle_io import load_model_bundle
 from ptycho_ml.physics import simulate
 
@@ -223,6 +226,13 @@ def evaluate_scan(model, spec: SuiteScan, path: Path, passes: tuple[int, ...], p
     result = {"scan": asdict(spec), "n_patterns": len(scan), "network_s": network_s,
               "network": refine_curve(scan, probe, start, network_s, passes),
               "flat": refine_curve(scan, probe, torch.ones(scan.obj_shape, dtype=torch.complex64), 0.0, passes)}
+    # The shipped pipeline as `ptycho-ml reconstruct` runs it: network + 30 passes with the automatic
+    # choice of what else to refine (refine_auto), timed as a whole.
+    t0 = time.perf_counter()
+    shipped = reconstruct(model, scan, InferenceConfig(progress=False, threads=torch.get_num_threads()))
+    m = metrics.evaluate_object(shipped.obj, scan.obj, scan.positions_px, scan.N, scan.probe)
+    result["default"] = {"seconds": time.perf_counter() - t0, **{k: float(v) for k, v in m.items()},
+                         "auto_refinement": shipped.auto_refinement}
     if ptychi_epochs:
         obj, wall_s = run_ptychi(path, workdir / f"{spec.name}.ptychi.npz", ptychi_epochs, reuse_ptychi)
         m = metrics.evaluate_object(obj, scan.obj, scan.positions_px, scan.N, scan.probe)
@@ -265,10 +275,16 @@ def table(results: list[dict]) -> str:
             rows = res[start]
             cells = " ".join(f"{r['amplitude_ssim']:.3f}/{r['phase_ssim']:.3f}".rjust(13) for r in rows)
             lines.append(f"{res['scan']['name']:32} {start:8} {cells} {rows[-1]['seconds']:>10.2f}")
+        if "default" in res:
+            d = res["default"]
+            auto = d.get("auto_refinement") or {}
+            lines.append(f"{res['scan']['name']:32} {'default':8} {d['amplitude_ssim']:.3f}/{d['phase_ssim']:.3f}"
+                         f" in {d['seconds']:.1f} s (network + 30, auto: {auto.get('chosen', '-')})")
         if "ptychi" in res:
             p = res["ptychi"]
+            ratio = f", default/pty-chi time {res['default']['seconds'] / p['seconds']:.3f}" if "default" in res else ""
             lines.append(f"{res['scan']['name']:32} {'pty-chi':8} {p['amplitude_ssim']:.3f}/{p['phase_ssim']:.3f}"
-                         f" in {p['seconds']:.1f} s ({p['epochs']} epochs)")
+                         f" in {p['seconds']:.1f} s ({p['epochs']} epochs){ratio}")
     return "\n".join(lines)
 
 

@@ -67,6 +67,10 @@ def test_a_smoke_run_scores_network_and_flat_starts(suite, tmp_path, tiny_scan):
         k0, k3 = res[start]
         assert k3["seconds"] > k0["seconds"] and (k3["amplitude_psnr"], k3["phase_psnr"]) != (k0["amplitude_psnr"], k0["phase_psnr"])
         assert all(np.isfinite(v) for row in (k0, k3) for v in row.values())
+    # the shipped pipeline (network + 30, automatic choice), scored and timed whole
+    assert res["default"]["seconds"] > 0 and np.isfinite(res["default"]["amplitude_ssim"])
+    assert res["default"]["auto_refinement"]["chosen"] in ("object", "positions", "probe", "probe+positions")
+    assert "default" in suite.table([res])
     suite.plot(res, tmp_path / "chip.png")
     assert (tmp_path / "chip.png").read_bytes()[:4] == b"\x89PNG"
     assert "chip-smoke" in suite.table([res])
