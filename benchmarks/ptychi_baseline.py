@@ -397,7 +397,7 @@ def load_scan(path: str | Path, object_shape: tuple[int, int] | None = None) -> 
 
 def build_options(api, algorithm: str, epochs: int, batch_size: int, seed: int,
                   device: str, noise_model: str, epie_alpha: float,
-                  refine_probe: bool = False, refine_positions: bool = False):
+                  refine_probe: bool = False, refine_positions: bool = False, probe_start_epoch: int = 0):
     """pty-chi options: fixed probe and positions, no regularisers (see module docstring).
 
     ``refine_probe``: the probe is optimised from the first epoch (pty-chi's
@@ -426,6 +426,8 @@ def build_options(api, algorithm: str, epochs: int, batch_size: int, seed: int,
     oo.position_origin_coords = (-0.5, -0.5)
     oo.remove_object_probe_ambiguity.enabled = False
     opts.probe_options.optimizable = refine_probe
+    if refine_probe:
+        opts.probe_options.optimization_plan.start = probe_start_epoch
     opts.probe_position_options.optimizable = refine_positions
     if refine_positions:
         opts.probe_position_options.optimization_plan.start = 10  # once the object has settled
@@ -462,7 +464,8 @@ def reconstruct(scan: dict, args) -> dict:
     intensity = np.square(scan["amplitude"], dtype=np.float32)
     obj0 = np.ones((1, *scan["obj_shape"]), np.complex64)
     opts = build_options(api, args.algorithm, args.epochs, args.batch_size, args.seed,
-                         args.device, args.noise_model, args.epie_alpha, args.refine_probe, args.refine_positions)
+                         args.device, args.noise_model, args.epie_alpha, args.refine_probe, args.refine_positions,
+                         args.probe_start_epoch)
     task = PtychographyTask(opts, diffraction_data=intensity, object_data=obj0, probe_data=probe,
                             probe_position_x_px=scan["x"], probe_position_y_px=scan["y"])
     setup_s = time.perf_counter() - t0
@@ -614,6 +617,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--quiet", action="store_true", help="hide pty-chi's per-epoch log")
     p.add_argument("--refine-probe", action="store_true", help="optimise the probe too (default: held fixed)")
     p.add_argument("--refine-positions", action="store_true", help="correct the positions too (from epoch 10)")
+    p.add_argument("--probe-start-epoch", type=int, default=0,
+                   help="with --refine-probe: the first epoch the probe is optimised (pty-chi's optimization_plan.start)")
     args = p.parse_args(argv)
     if isinstance(args.make_venv, Path):
         args.venv = args.make_venv
