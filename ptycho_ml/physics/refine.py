@@ -483,5 +483,6 @@ def refine_auto(obj: torch.Tensor, scan: ScanData, probe: torch.Tensor, steps: i
                             positions_start=0, **probe_settings, **common)
         report.fit_ratios["probe+positions"] = ratio(both)
         if report.fit_ratios["probe+positions"] < report.fit_ratios["probe"]:
+            both.loss_history[:0] = best.loss_history
             best, report.chosen = both, "probe+positions"
     return best, report
