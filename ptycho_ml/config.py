@@ -294,6 +294,12 @@ class TrainingConfig(ConfigBase):
         return min(self.threads, cores) if self.threads else cores
 
 
+#: The refinement settings of :class:`InferenceConfig` the CLI flags, the pyfunc params and the MLproject
+#: ``reconstruct`` parameters carry under the same names.
+REFINEMENT_FIELDS = ("refine_probe", "refine_positions", "refine_intensity", "probe_modes", "probe_support_px",
+                     "refine_auto")
+
+
 @dataclass(frozen=True)
 class InferenceConfig(ConfigBase):
     """Reconstruction settings shared by the batch CLI and the pyfunc model."""

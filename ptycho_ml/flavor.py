@@ -206,11 +206,6 @@ def _bad_request(message: str) -> MlflowException:
     return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
 
-#: Joint-refinement params, passed as they are to InferenceConfig (same names as the CLI flags).
-REFINEMENT_PARAMS = ("refine_probe", "refine_positions", "refine_intensity", "probe_modes", "probe_support_px",
-                     "refine_auto")
-
-
 #: What a response says about the model that answered, under the same names as ``ptycho-ml serve``'s
 #: ``X-Ptycho-Model-*`` headers (the provenance keys of :func:`ptycho_ml.lifecycle.registry.load_model_with_provenance`).
 RESPONSE_PROVENANCE = ("name", "version", "run_id", "bundle_sha256")
@@ -236,7 +231,7 @@ class PtychoPyfuncModel:
         return {**self._arrays(data, params), **self.provenance}
 
     def _arrays(self, data: Any, params: dict[str, Any] | None) -> dict[str, np.ndarray]:
-        from ptycho_ml.config import InferenceConfig
+        from ptycho_ml.config import REFINEMENT_FIELDS, InferenceConfig
         from ptycho_ml.errors import PtychoInputError
         from ptycho_ml.inference.reconstruct import predict_patches, reconstruct
 
@@ -253,7 +248,7 @@ class PtychoPyfuncModel:
                 return {"amplitude": np.abs(patches).astype(np.float32), "phase": np.angle(patches).astype(np.float32)}
             scan = self._scan(diffraction, positions, int(params.get("obj_height") or 0), int(params.get("obj_width") or 0))
             cfg = InferenceConfig.from_dict({"refine_steps": int(params.get("refine_steps") or 0), "progress": False,
-                                             **{k: params[k] for k in REFINEMENT_PARAMS if params.get(k) is not None}})
+                                             **{k: params[k] for k in REFINEMENT_FIELDS if params.get(k) is not None}})
             obj = reconstruct(self.model, scan, cfg).obj
         except PtychoInputError as exc:
             raise _bad_request(str(exc)) from None

@@ -8,6 +8,7 @@ probe and positions differ from the truth that simulated them
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -442,3 +443,16 @@ def test_default_reconstruction_refines_the_probe_the_data_reject(bundle, tmp_pa
     probe, _ = read_probe_positions(str(out / "object.h5"))
     assert probe.shape == (2, 32, 32)  # the automatic probe refinement learns two modes
     assert _probe_error(probe, sim.probe_true) < _probe_error(sim.probe, sim.probe_true)
+
+
+def test_every_refinement_setting_has_the_same_name_on_the_cli_the_pyfunc_and_the_mlproject():
+    import yaml
+
+    from ptycho_ml.config import REFINEMENT_FIELDS
+    from ptycho_ml.flavor import model_signature
+
+    for command in (main.commands["reconstruct"], main.commands["evaluate"], main.commands["batch"]):
+        assert set(REFINEMENT_FIELDS) <= {p.name for p in command.params}, command.name
+    assert set(REFINEMENT_FIELDS) <= {p.name for p in model_signature(32).params.params}
+    mlproject = yaml.safe_load((Path(__file__).resolve().parents[1] / "MLproject").read_text())
+    assert set(REFINEMENT_FIELDS) <= set(mlproject["entry_points"]["reconstruct"]["parameters"])

@@ -257,7 +257,9 @@ def _load_model(bundle, model_uri, name, stage, alias, model_version):
 
 def _refinement_options(f):
     """``--refine-probe``, ``--refine-positions``, ``--refine-intensity`` (alone = on; or ``true``/``false``, as
-    MLflow passes a parameter) and ``--probe-modes`` (:class:`~ptycho_ml.config.InferenceConfig` fields)."""
+    MLflow passes a parameter), ``--probe-modes``, ``--probe-support-px`` and ``--refine-auto``: the
+    :data:`~ptycho_ml.config.REFINEMENT_FIELDS` of :class:`~ptycho_ml.config.InferenceConfig`, which a command
+    receives as ``**refinement``."""
     for opt in reversed([
         click.option("--refine-probe", type=click.BOOL, is_flag=False, flag_value=True, default=None,
                      help="Refine the probe with the object (default off: measured, docs/benchmarks.md)."),
@@ -278,12 +280,9 @@ def _refinement_options(f):
     return f
 
 
-def _refinement_settings(refine_probe, refine_positions, refine_intensity, probe_modes, probe_support_px,
-                         refine_auto) -> dict:
-    """The InferenceConfig fields of the refinement flags (None: not given, the config default)."""
-    return {"refine_probe": refine_probe, "refine_positions": refine_positions,
-            "refine_intensity": refine_intensity, "probe_modes": probe_modes, "probe_support_px": probe_support_px,
-            "refine_auto": refine_auto}
+def _given(settings: dict) -> dict:
+    """The flags given (None: not given, the config default applies)."""
+    return {k: v for k, v in settings.items() if v is not None}
 
 
 def _reconstruction_options(f):
@@ -302,18 +301,14 @@ def _reconstruction_options(f):
     return f
 
 
-def inference_config(refine_steps, refine_method, refine_probe, refine_positions, refine_intensity, probe_modes,
-                     probe_support_px, refine_auto, batch_size, threads, quiet):
-    """The :class:`~ptycho_ml.config.InferenceConfig` of the reconstruction flags (a flag not given keeps the default)."""
+def inference_config(refine_steps, refine_method, batch_size, threads, quiet, refinement: dict):
+    """The :class:`~ptycho_ml.config.InferenceConfig` of the reconstruction flags (a flag not given keeps the default);
+    ``refinement``: the :func:`_refinement_options` values."""
     from ptycho_ml.config import InferenceConfig
 
-    return InferenceConfig.from_dict({k: v for k, v in {"refine_steps": refine_steps, "refine_method": refine_method,
-                                                        "batch_size": batch_size, "threads": threads,
-                                                        "progress": not quiet,
-                                                        **_refinement_settings(refine_probe, refine_positions,
-                                                                               refine_intensity, probe_modes,
-                                                                               probe_support_px, refine_auto)}.items()
-                                      if v is not None})
+    return InferenceConfig.from_dict(_given({"refine_steps": refine_steps, "refine_method": refine_method,
+                                             "batch_size": batch_size, "threads": threads, "progress": not quiet,
+                                             **refinement}))
 
 
 @main.command()
@@ -324,8 +319,7 @@ def inference_config(refine_steps, refine_method, refine_probe, refine_positions
 @_reconstruction_options
 @_mlflow_option
 def reconstruct(bundle, model_uri, name, stage, alias, model_version, data, product, out_dir, refine_steps,
-                refine_method, refine_probe, refine_positions, refine_intensity, probe_modes, probe_support_px,
-                refine_auto, batch_size, threads, metrics, quiet, track):
+                refine_method, batch_size, threads, metrics, quiet, track, **refinement):
     """Reconstruct every pattern of a scan, stitch, refine; writes object.h5, PNGs and product.h5."""
     from ptycho_ml.data.readers import load_scan
     from ptycho_ml.inference.outputs import run_reconstruction
@@ -333,19 +327,18 @@ def reconstruct(bundle, model_uri, name, stage, alias, model_version, data, prod
     _warnings_to_stderr()
     if not (bundle or model_uri or stage or alias or model_version):
         raise PtychoInputError("no model given: expected --bundle PATH or --model URI (or --name with --stage/--alias/--version)")
-    cfg = inference_config(refine_steps, refine_method, refine_probe, refine_positions, refine_intensity, probe_modes,
-                           probe_support_px, refine_auto, batch_size, threads, quiet)
+    cfg = inference_config(refine_steps, refine_method, batch_size, threads, quiet, refinement)
     scan = load_scan(data, product=product)
     model, source = _load_model(bundle, model_uri, name, stage, alias, model_version)
     summary = run_reconstruction(model, scan, cfg, out_dir, provenance=source, with_metrics=metrics)
     if track:
         from ptycho_ml.lifecycle.tracking import log_reconstruction
 
+        from ptycho_ml.config import REFINEMENT_FIELDS
+
         log_reconstruction({"model": source["uri"], "model_version": source["version"] or "", "data": data,
-                            "refine_steps": cfg.refine_steps, "refine_probe": cfg.refine_probe,
-                            "refine_positions": cfg.refine_positions, "refine_intensity": cfg.refine_intensity,
-                            "probe_modes": cfg.probe_modes, "probe_support_px": cfg.probe_support_px,
-                            "refine_auto": cfg.refine_auto}, summary, out_dir)
+                            "refine_steps": cfg.refine_steps, **{k: getattr(cfg, k) for k in REFINEMENT_FIELDS}},
+                           summary, out_dir)
     from ptycho_ml.lifecycle.registry import describe_provenance
 
     click.echo(f"model: {describe_provenance(source)}")
@@ -365,8 +358,8 @@ def reconstruct(bundle, model_uri, name, stage, alias, model_version, data, prod
 @click.option("--warm-start", is_flag=True,
               help="With a model: also measure network start + K passes against flat start + 30 (passes and time saved).")
 @_mlflow_option
-def evaluate(recon, bundle, model_uri, name, stage, alias, model_version, data, refine_steps, refine_probe,
-             refine_positions, refine_intensity, probe_modes, probe_support_px, refine_auto, json_out, warm_start, track):
+def evaluate(recon, bundle, model_uri, name, stage, alias, model_version, data, refine_steps, json_out, warm_start,
+             track, **refinement):
     """SSIM, PSNR, MAE and FRC (amplitude and phase) of a reconstruction against ground truth."""
     from ptycho_ml.inference.evaluate import evaluate_against_truth
 
@@ -376,11 +369,8 @@ def evaluate(recon, bundle, model_uri, name, stage, alias, model_version, data, 
         if not (bundle or model_uri or stage or alias or model_version):
             raise PtychoInputError("nothing to evaluate: expected --reconstruction object.h5, --bundle PATH or --model URI")
         model, source = _load_model(bundle, model_uri, name, stage, alias, model_version)
-    refinement = {k: v for k, v in _refinement_settings(refine_probe, refine_positions, refine_intensity,
-                                                        probe_modes, probe_support_px, refine_auto).items()
-                  if v is not None}
     table, metrics = evaluate_against_truth(data, reconstruction=recon, model=model, refine_steps=refine_steps,
-                                            refinement=refinement)
+                                            refinement=_given(refinement))
     if warm_start:
         if model is None:
             raise PtychoInputError("--warm-start: found --reconstruction, expected a model (--bundle or --model) to start from")

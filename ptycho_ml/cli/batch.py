@@ -24,8 +24,7 @@ from ptycho_ml.errors import PtychoInputError
 @click.option("--master", default=None, help="Spark master with --engine spark, e.g. local[2] (default: spark-submit's, else local[*]).")
 @_reconstruction_options
 def batch(bundle, model_uri, name, stage, alias, model_version, scans, out_dir, engine, master, refine_steps,
-          refine_method, refine_probe, refine_positions, refine_intensity, probe_modes, probe_support_px, refine_auto,
-          batch_size, threads, metrics, quiet):
+          refine_method, batch_size, threads, metrics, quiet, **refinement):
     """Reconstruct many scans (the files `reconstruct` writes, per scan) and write one summary table."""
     from ptycho_ml.lifecycle.batch import run_batch
     from ptycho_ml.lifecycle.registry import describe_provenance
@@ -35,8 +34,7 @@ def batch(bundle, model_uri, name, stage, alias, model_version, scans, out_dir, 
         raise PtychoInputError("no model given: expected --bundle PATH or --model URI (or --name with --stage/--alias/--version)")
     if master and engine != "spark":
         raise PtychoInputError(f"--master: found '{master}' with --engine {engine}, expected --engine spark")
-    cfg = inference_config(refine_steps, refine_method, refine_probe, refine_positions, refine_intensity, probe_modes,
-                           probe_support_px, refine_auto, batch_size, threads, quiet)
+    cfg = inference_config(refine_steps, refine_method, batch_size, threads, quiet, refinement)
     model, source = _load_model(bundle, model_uri, name, stage, alias, model_version)
     click.echo(f"model: {describe_provenance(source)}")
     rows, table = run_batch(model, source, scans, out_dir, cfg, engine=engine, master=master, with_metrics=metrics)

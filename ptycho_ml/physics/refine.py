@@ -370,12 +370,12 @@ def counts_like(scan: ScanData, sample: int = 32, tolerance: float = 0.05) -> bo
 
 
 def deviance_ratio(obj: torch.Tensor, scan: ScanData, probe: torch.Tensor, positions_px: np.ndarray | None = None,
-                   intensity_scale: np.ndarray | None = None, *, amplitudes: torch.Tensor | None = None,
+                   *, amplitudes: torch.Tensor | None = None,
                    eps_counts: float = 0.5, batch_size: int = 256, seed: int = 0) -> float:
     """The scan's Poisson deviance under the model over the deviance expected were the model exact.
 
     obj ``(H, W)`` and probe ``(N, N)``/``(K, N, N)`` complex64, positions
-    ``(M, 2)`` px (default the scan's), per-pattern ``intensity_scale (M,)``.
+    ``(M, 2)`` px (default the scan's).
     The expectation is the deviance of counts drawn (seeded) from the
     model's own prediction: about 1 (a little less, as a fit takes up some
     noise) when the model explains the data to the noise, far above 1 when
@@ -392,8 +392,6 @@ def deviance_ratio(obj: torch.Tensor, scan: ScanData, probe: torch.Tensor, posit
         for batch in torch.arange(len(positions)).split(batch_size):
             amp = amplitudes[batch] if amplitudes is not None else torch.from_numpy(scan.amplitude(batch.numpy()))
             pred = physics.forward_amplitude(obj, probe, positions[batch]).double()
-            if intensity_scale is not None:
-                pred = pred * torch.from_numpy(np.asarray(intensity_scale, np.float64)[batch.numpy()]).sqrt()[:, None, None]
             drawn = torch.poisson(pred.square(), generator=generator).sqrt()
             achieved += float(poisson_nll(pred, amp.double(), good, eps_counts, reduction="sum"))
             expected += float(poisson_nll(pred, drawn, good, eps_counts, reduction="sum"))
