@@ -226,6 +226,12 @@ def evaluate_scan(model, spec: SuiteScan, path: Path, passes: tuple[int, ...], p
     result = {"scan": asdict(spec), "n_patterns": len(scan), "network_s": network_s,
               "network": refine_curve(scan, probe, start, network_s, passes),
               "flat": refine_curve(scan, probe, torch.ones(scan.obj_shape, dtype=torch.complex64), 0.0, passes)}
+    if model.refiner is not None:  # the generator without the model's learned stages, for the ablation
+        t0 = time.perf_counter()
+        generator_start, _ = network_object(model, scan, probe=probe, phase_sync=phase_sync, learned_refinement=False)
+        generator_s = time.perf_counter() - t0
+        result["generator"] = refine_curve(scan, probe, generator_start, generator_s,
+                                           tuple(k for k in passes if k in (0, 8, 30)) or (0,))
     # The shipped pipeline as `ptycho-ml reconstruct` runs it: network + 30 passes with the automatic
     # choice of what else to refine (refine_auto), timed as a whole.
     t0 = time.perf_counter()
@@ -249,7 +255,9 @@ def plot(result: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for ax, part in zip(axes, ("amplitude", "phase")):
-        for start, style in (("network", "o-"), ("flat", "s--")):
+        for start, style in (("network", "o-"), ("flat", "s--"), ("generator", "^:")):
+            if start not in result:
+                continue
             rows = result[start]
             ax.plot([r["passes"] for r in rows], [r[f"{part}_ssim"] for r in rows], style, label=f"{start} start")
         if "ptychi" in result:
@@ -271,7 +279,9 @@ def table(results: list[dict]) -> str:
     head = f"{'scan':32} {'start':8} " + " ".join(f"{'K=' + str(k):>13}" for k in passes) + f" {'s (last K)':>10}"
     lines = [head, "(amplitude/phase SSIM)"]
     for res in results:
-        for start in ("network", "flat"):
+        for start in ("network", "flat", "generator"):
+            if start not in res:
+                continue
             rows = res[start]
             cells = " ".join(f"{r['amplitude_ssim']:.3f}/{r['phase_ssim']:.3f}".rjust(13) for r in rows)
             lines.append(f"{res['scan']['name']:32} {start:8} {cells} {rows[-1]['seconds']:>10.2f}")

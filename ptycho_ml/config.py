@@ -194,12 +194,15 @@ def available_cpu_threads() -> int:
 
 PRESETS: dict[str, dict[str, Any]] = {
     # CPU default: trains on the default simulated scan in minutes on 2 cores.
-    "cpu": {"widths": (16, 32, 64, 128), "blocks_per_level": 1},
+    "cpu": {"widths": (16, 32, 64, 128), "blocks_per_level": 1, "refiner_stages": 4},
     # Published PtychoPINN-like widths, for GPUs.
-    "gpu": {"widths": (32, 64, 128, 256), "blocks_per_level": 2},
+    "gpu": {"widths": (32, 64, 128, 256), "blocks_per_level": 2, "refiner_stages": 4},
     # Tests and smoke runs only.
-    "tiny": {"widths": (4, 8, 8), "blocks_per_level": 1},
+    "tiny": {"widths": (4, 8, 8), "blocks_per_level": 1, "refiner_stages": 1},
 }
+
+#: Most unrolled stages of the learned refinement: each costs about one refinement pass at inference.
+MAX_REFINER_STAGES = 16
 
 
 @dataclass(frozen=True)
@@ -209,6 +212,9 @@ class ModelConfig(ConfigBase):
     ``widths`` are the encoder channel counts per resolution level (each level
     halves the size); the decoder mirrors them. ``gridsize``² patterns are
     reconstructed together with the overlap constraint when gridsize > 1.
+    ``refiner_stages`` unrolled data-consistency stages over the stitched
+    object follow the generator (:mod:`ptycho_ml.model.refiner`; -1: the
+    preset's, 0: none); ``refiner_width`` is their correction network's width.
     """
 
     preset: Literal["cpu", "gpu", "tiny", "custom"] = "cpu"
@@ -218,9 +224,18 @@ class ModelConfig(ConfigBase):
     blocks_per_level: int = 0
     amplitude_max: float = 1.5
     input_iterations: int = 4
+    refiner_stages: int = -1
+    refiner_width: int = 16
 
     def validate(self) -> None:
         name = type(self).__name__
+        if self.refiner_stages == -1:  # the preset's, fixed here so that the bundle records the number
+            object.__setattr__(self, "refiner_stages", int(PRESETS.get(self.preset, PRESETS["cpu"])["refiner_stages"]))
+        if not 0 <= self.refiner_stages <= MAX_REFINER_STAGES:
+            raise PtychoInputError(f"config: {name}.refiner_stages: found {self.refiner_stages}, "
+                                   f"expected 0..{MAX_REFINER_STAGES} (or -1: the preset's)")
+        if self.refiner_width < 1:
+            raise PtychoInputError(f"config: {name}.refiner_width: found {self.refiner_width}, expected >= 1")
         if self.gridsize < 1 or self.gridsize > 4:
             raise PtychoInputError(f"config: {name}.gridsize: found {self.gridsize}, expected 1..4")
         widths = self.resolved_widths()
@@ -272,9 +287,13 @@ class TrainingConfig(ConfigBase):
     max_patterns: int = 0
     time_limit_s: float = 0.0
     preview_every_n_epochs: int = 5
+    # Training windows the learned refinement (model.refiner_stages > 0) sees after the generator is trained.
+    refiner_iterations: int = 600
 
     def validate(self) -> None:
         name = type(self).__name__
+        if self.refiner_iterations < 0:
+            raise PtychoInputError(f"config: {name}.refiner_iterations: found {self.refiner_iterations}, expected >= 0")
         if self.epochs < 1:
             raise PtychoInputError(f"config: {name}.epochs: found {self.epochs}, expected >= 1")
         if self.batch_size < 1:

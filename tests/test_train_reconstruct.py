@@ -40,6 +40,21 @@ def test_training_writes_one_bundle_with_scale_and_metrics(trained):
     assert info["extra"]["dataset"]["sha256"] == trained.dataset["sha256"]
 
 
+def test_training_trains_the_learned_refinement_after_the_generator_and_bundles_it(trained):
+    """The tiny preset has one unrolled stage; it is trained (its correction head moved off zero) over
+    ``refiner_iterations`` windows, its curve is in the bundle, and it is saved on its own as 'refiner'."""
+    from ptycho_ml.model.bundle import read_bundle
+
+    refiner = trained.model.refiner
+    assert refiner is not None and refiner.stages == 1
+    assert float(refiner.corrections[0].head.weight.abs().sum()) > 0
+    bundle = read_bundle(trained.bundle_path)
+    assert set(bundle.models["refiner"]) == set(refiner.state_dict())
+    curve = bundle.extra["refiner_loss"]
+    assert len(curve) == TrainingConfig().refiner_iterations // 10 and all(np.isfinite(curve))
+    assert bundle.config["model"]["refiner_stages"] == 1
+
+
 def test_reloaded_model_gives_bit_identical_outputs(trained, tmp_path):
     amp = torch.rand(3, trained.model.cfg.gridsize**2, 32, 32) * 20
     with torch.no_grad():
@@ -155,7 +170,10 @@ def test_probe_on_another_scale_is_rescaled_with_a_warning(trained, tiny_test_np
     with pytest.warns(UserWarning, match="probe scale does not match"):
         a = reconstruct(trained.model, scaled, InferenceConfig(refine_steps=0, progress=False)).obj
     b = reconstruct(trained.model, scan, InferenceConfig(refine_steps=0, progress=False)).obj
-    assert np.abs(np.abs(a) - np.abs(b)).mean() < 0.05
+    # The rescaled probe's scale is estimated from the counts (exact up to the object's mean transmission), and
+    # the model's learned stages fit the object's amplitude to the data through it: close, not identical.
+    # Unrescaled, the probe here is off by a factor of ~10 in amplitude.
+    assert np.abs(np.abs(a) - np.abs(b)).mean() < 0.1
 
 
 def test_untrained_generator_returns_the_physics_estimate():

@@ -141,7 +141,7 @@ def training_config(ctx: click.Context, config_file: str | None):
         raise PtychoInputError(f"{config_file}: found a JSON {type(base).__name__}, expected a JSON object of config fields")
     flags = _typed(ctx, ["data", "test_data", "output_dir", "seed", "accelerator", "threads", "resume", "quiet",
                          "epochs", "batch_size", "learning_rate", "loss", "time_limit_s", "devices", "num_nodes",
-                         "strategy"])
+                         "strategy", "refiner_iterations"])
     flags = {k: v for k, v in flags.items() if v not in ("", None) and not (k == "time_limit_s" and v == 0)}
     model = {**base.get("model", {}), **_typed(ctx, ["preset", "gridsize"])}
     merged = {**base, **flags}
@@ -157,6 +157,8 @@ def training_config(ctx: click.Context, config_file: str | None):
 @click.option("--preset", type=click.Choice(["cpu", "gpu", "tiny"]), default="cpu", show_default=True)
 @click.option("--gridsize", default=2, show_default=True, type=int, help="Patterns per group (gridsize²) under the overlap constraint.")
 @click.option("--epochs", default=None, type=int, help="Maximum epochs (default 10).")
+@click.option("--refiner-iterations", default=None, type=int,
+              help="Training windows of the learned refinement after the generator (default 600; 0 = untrained stages).")
 @click.option("--batch-size", default=None, type=int)
 @click.option("--lr", "learning_rate", default=None, type=float)
 @click.option("--loss", type=click.Choice(["auto", "poisson", "mae", "supervised", "hybrid"]), default=None,
@@ -180,7 +182,7 @@ def training_config(ctx: click.Context, config_file: str | None):
 @click.option("--register-as", default="ptychopinn", show_default=True,
               help="With --mlflow: register the logged model as a new version of this name ('' = log only).")
 @click.pass_context
-def train(ctx, data, test_data, output_dir, preset, gridsize, epochs, batch_size, learning_rate, loss, seed,
+def train(ctx, data, test_data, output_dir, preset, gridsize, epochs, refiner_iterations, batch_size, learning_rate, loss, seed,
           accelerator, threads, devices, num_nodes, strategy, resume, time_limit_s, config_file, quiet, backend, track,
           register_as):
     """Train a PINN reconstructor; writes OUT/wts.h5.zip (with --mlflow: logs and registers it too)."""

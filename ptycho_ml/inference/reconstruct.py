@@ -178,12 +178,17 @@ def phase_sync_fits(scan: ScanData) -> bool:
 
 def network_object(model: DiffractionToObject, scan: ScanData, batch_size: int = 256,
                    progress: bool = False, probe: torch.Tensor | None = None,
-                   phase_sync: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                   phase_sync: bool = False, learned_refinement: bool = True,
+                   amplitudes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run every pattern through the network and stitch: returns ``(obj (H, W) complex64, illumination (H, W))``.
 
     With ``phase_sync`` (and a scan whose patches fit in memory, :func:`phase_sync_fits`)
     each patch's constant phase offset is first aligned with its neighbours'
-    (:func:`~ptycho_ml.inference.phase_sync.synchronise_phases`).
+    (:func:`~ptycho_ml.inference.phase_sync.synchronise_phases`). The model's
+    learned refinement (its unrolled stages over the whole scan, if it has
+    any) then runs on the stitched object, unless ``learned_refinement`` is
+    False (the generator alone, for comparisons). ``amplitudes (M, N, N)``:
+    the scan's, when already read (:func:`refinement_amplitudes`).
     """
     check_compatible(model, scan)
     positions = torch.from_numpy(np.asarray(scan.positions_px, dtype=np.float32))
@@ -199,7 +204,16 @@ def network_object(model: DiffractionToObject, scan: ScanData, batch_size: int =
     else:
         for batch, indices in stream:
             stitcher.add(batch, positions[torch.from_numpy(indices)])
-    return stitcher.result(), stitcher.illumination()
+    obj, illumination = stitcher.result(), stitcher.illumination()
+    if learned_refinement and model.refiner is not None:
+        if amplitudes is None:
+            amplitudes = refinement_amplitudes(scan)
+        if amplitudes is None:  # larger than memory: each batch is read when the stage needs it
+            amplitudes = lambda idx: torch.from_numpy(scan.amplitude(idx.numpy()))  # noqa: E731
+        good = None if scan.good_pixels is None else torch.from_numpy(scan.good_pixels)
+        with torch.no_grad():  # not inference_mode: each stage takes its gradient through the forward model
+            obj = model.refine_stitched(obj, probe, positions, amplitudes, good)
+    return obj, illumination
 
 
 def finetune_on_scan(model: DiffractionToObject, scan: ScanData, epochs: int, batch_size: int = 32,
@@ -249,7 +263,8 @@ def reconstruct(model: DiffractionToObject, scan: ScanData, cfg: InferenceConfig
         timings["finetune_s"] = time.perf_counter() - t0
     probe = inference_probe(model, scan)
     t1 = time.perf_counter()
-    obj, illumination = network_object(net_model, scan, cfg.batch_size, cfg.progress, probe)
+    amplitudes = refinement_amplitudes(scan) if cfg.refine_steps or model.refiner is not None else None
+    obj, illumination = network_object(net_model, scan, cfg.batch_size, cfg.progress, probe, amplitudes=amplitudes)
     timings["network_s"] = time.perf_counter() - t1
     network_obj = obj.clone() if cfg.refine_steps else obj  # no copy of a large object unless refinement changes it
     history: list[float] = []
@@ -258,7 +273,6 @@ def reconstruct(model: DiffractionToObject, scan: ScanData, cfg: InferenceConfig
     what: tuple[str, ...] = ()
     if cfg.refine_steps and cfg.refine_method == "object":
         t2 = time.perf_counter()
-        amplitudes = refinement_amplitudes(scan)
         auto = cfg.refine_auto and not cfg.explicit_refinement
         with _progress(cfg.refine_steps, "refine", cfg.progress, unit="pass") as bar:
             if auto:

@@ -30,6 +30,7 @@ from ptycho_ml.inference.reconstruct import ReconstructionResult, network_object
 from ptycho_ml.model.bundle_io import save_model_bundle
 from ptycho_ml.model.datamodule import resolve_loss
 from ptycho_ml.model.network import DiffractionToObject, count_parameters, flops_per_pattern
+from ptycho_ml.model.refiner_training import fit_refiner
 from ptycho_ml.model.training import fit, quiet_lightning
 
 #: ``preview_sink(epoch, obj (H, W) complex64, test_scan)``: a network reconstruction of the held-out scan.
@@ -136,6 +137,13 @@ def held_out_figures(model: DiffractionToObject, test_scan: ScanData, refine_ste
     return recon, metrics, warm
 
 
+def _log_refiner_curve(loggers: list[Any] | None, history: list[float], every: int = 10) -> None:
+    """The learned refinement's training loss (mean of every ``every`` windows) as the metric ``refiner_loss``."""
+    for logger in loggers or []:
+        for start in range(0, len(history), every):
+            logger.log_metrics({"refiner_loss": float(np.mean(history[start:start + every]))}, step=start)
+
+
 def train(config: TrainingConfig, loggers: list[Any] | None = None, preview_sink: PreviewSink | None = None,
           evaluate_refine_steps: int | None = None) -> TrainResult:
     """Train a reconstructor and write ``{output_dir}/wts.h5.zip`` (once, from the best validation weights).
@@ -167,8 +175,18 @@ def train(config: TrainingConfig, loggers: list[Any] | None = None, preview_sink
                            fitted.amplitude_scale, fitted.n_train, fitted.n_val, time.perf_counter() - t_start, {},
                            test_scan, is_global_zero=False)
     model = fitted.model
+    refiner_history: list[float] = []
+    if model.refiner is not None and config.refiner_iterations:
+        # The learned refinement, behind the trained generator, over windows of the training scans.
+        model.refiner, refiner_history = fit_refiner(model, scans, model.cfg.refiner_stages, model.cfg.refiner_width,
+                                                     iterations=config.refiner_iterations, seed=config.seed,
+                                                     progress=not config.quiet)
+        _log_refiner_curve(loggers, refiner_history)
     fingerprint = dataset_fingerprint(scans)
     summary = {"n_parameters": count_parameters(model.generator), "flops_per_pattern": flops_per_pattern(model)}
+    if model.refiner is not None:
+        summary["refiner_parameters"] = count_parameters(model.refiner)
+        summary["refiner_final_loss"] = float(np.mean(refiner_history[-20:])) if refiner_history else float("nan")
     result_metrics: dict[str, float] = {}
     test_recon = None
     warm = None
@@ -183,6 +201,8 @@ def train(config: TrainingConfig, loggers: list[Any] | None = None, preview_sink
              "model_summary": summary}
     if warm is not None:
         extra["warm_start"] = asdict(warm)
+    if refiner_history:  # its learning curve, as logged: the mean of every 10 windows
+        extra["refiner_loss"] = [float(np.mean(refiner_history[i:i + 10])) for i in range(0, len(refiner_history), 10)]
     bundle_path = save_model_bundle(model, Path(config.output_dir) / "wts.h5.zip",
                                     config={"training": config.to_dict()}, extra=extra)
     return TrainResult(bundle_path, model, fitted.history, result_metrics, fitted.amplitude_scale, fitted.n_train,

@@ -26,10 +26,12 @@ def save_model_bundle(model: DiffractionToObject, path: str | Path, config: dict
     (e.g. ``training``); ``extra`` holds summaries such as metrics.
     """
     full_config = {"model": model.cfg.to_dict(), **(config or {})}
+    models = {"diffraction_to_obj": _to_numpy(model.state_dict()), "autoencoder": _to_numpy(model.generator.state_dict())}
+    if model.refiner is not None:  # the learned refinement on its own too, as the generator is ("autoencoder")
+        models["refiner"] = _to_numpy(model.refiner.state_dict())
     return write_bundle(
         path,
-        models={"diffraction_to_obj": _to_numpy(model.state_dict()),
-                "autoencoder": _to_numpy(model.generator.state_dict())},
+        models=models,
         probe=model.probe.detach().cpu().numpy(),
         amplitude_scale=float(model.amplitude_scale),
         config=full_config,
@@ -50,7 +52,8 @@ def load_model_bundle(path: str | Path) -> tuple[DiffractionToObject, dict[str, 
     bundle = read_bundle(path)
     if "model" not in bundle.config:
         raise PtychoInputError(f"{path}: field 'config_json.model': missing, expected the model configuration")
-    cfg = ModelConfig.from_dict(bundle.config["model"])
+    # A model config without refiner_stages was written before the learned refinement existed: it has none.
+    cfg = ModelConfig.from_dict({"refiner_stages": 0, **bundle.config["model"]})
     model = DiffractionToObject(cfg, torch.from_numpy(bundle.probe), bundle.amplitude_scale)
     state = {k: torch.from_numpy(np.array(v)) for k, v in bundle.models["diffraction_to_obj"].items()}
     mismatch = weight_mismatch({k: tuple(v.shape) for k, v in model.state_dict().items()},
@@ -59,10 +62,16 @@ def load_model_bundle(path: str | Path) -> tuple[DiffractionToObject, dict[str, 
         raise PtychoInputError(f"{path}: model 'diffraction_to_obj': found {mismatch[0]}, expected {mismatch[1]} "
                                "for the architecture its model config describes")
     model.load_state_dict(state, strict=True)
-    generator_state = model.generator.state_dict()
-    autoencoder = bundle.models["autoencoder"]
-    if set(autoencoder) != set(generator_state) or any(
-            not np.array_equal(autoencoder[k], generator_state[k].numpy()) for k in generator_state):
-        raise PtychoInputError(f"{path}: model 'autoencoder': differs from the generator inside 'diffraction_to_obj', expected identical weights")
+    parts = {"autoencoder": ("the generator", model.generator),
+             "refiner": ("the learned refinement", model.refiner)}
+    for name, (what, part) in parts.items():
+        stored = bundle.models.get(name)
+        if part is None and stored is None:
+            continue
+        own = {} if part is None else part.state_dict()
+        if stored is None or set(stored) != set(own) or any(not np.array_equal(stored[k], own[k].numpy()) for k in own):
+            raise PtychoInputError(f"{path}: model '{name}': "
+                                   + ("missing" if stored is None else f"differs from {what} inside 'diffraction_to_obj'")
+                                   + ", expected identical weights")
     model.eval()
     return model, {"config": bundle.config, "extra": bundle.extra, "manifest": bundle.manifest}

@@ -70,6 +70,8 @@ class PtychoLitModule(L.LightningModule):
                                    "weight_decay": weight_decay, "lr_schedule": lr_schedule,
                                    "max_epochs": max_epochs, "amplitude_scale": float(amplitude_scale)})
         self.model = DiffractionToObject(ModelConfig.from_dict(model_config), probe, amplitude_scale)
+        if self.model.refiner is not None:  # trained afterwards, over whole windows (model.refiner_training)
+            self.model.refiner.requires_grad_(False)
         self.register_buffer("good_pixels", good_pixels if good_pixels is not None else torch.ones(0, dtype=torch.bool))
         bank = probes.to(torch.complex64) if probes is not None else torch.zeros(0, dtype=torch.complex64)
         self.register_buffer("probes", bank)
@@ -94,7 +96,7 @@ class PtychoLitModule(L.LightningModule):
         self._step(batch, "val")
 
     def configure_optimizers(self) -> Any:
-        opt = torch.optim.AdamW(self.model.parameters(), lr=self.hparams.learning_rate,
+        opt = torch.optim.AdamW(self.model.generator.parameters(), lr=self.hparams.learning_rate,
                                 weight_decay=self.hparams.weight_decay)
         if self.hparams.lr_schedule == "cosine":
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.hparams.max_epochs),

@@ -6,8 +6,10 @@
   heads.
 * :class:`DiffractionToObject` (the bundle's ``diffraction_to_obj``): the
   generator plus what inference needs — the amplitude scale that normalises
-  measured amplitudes and the probe — as buffers, so one state dict holds
-  the whole inference model.
+  measured amplitudes and the probe — as buffers, and the learned refinement
+  over the stitched object (:class:`~ptycho_ml.model.refiner.LearnedRefiner`,
+  the bundle's ``refiner``, when ``refiner_stages`` > 0), so one state dict
+  holds the whole inference model.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch import nn
 
 from ptycho_ml.physics import forward as physics
 from ptycho_ml.config import ModelConfig
+from ptycho_ml.model.refiner import LearnedRefiner
 
 
 class ConvBlock(nn.Module):
@@ -116,6 +119,8 @@ class DiffractionToObject(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.generator = Generator(cfg)
+        # After the generator's patches are stitched: unrolled stages over the whole scan (None: none).
+        self.refiner = LearnedRefiner(cfg.refiner_stages, cfg.refiner_width) if cfg.refiner_stages else None
         self.register_buffer("amplitude_scale", torch.tensor(float(amplitude_scale), dtype=torch.float32))
         self.register_buffer("probe", probe.to(torch.complex64).clone())
 
@@ -140,6 +145,15 @@ class DiffractionToObject(nn.Module):
         # Residual output: the network corrects the physics estimate.
         amplitude_out = (estimate.abs().clamp(min=1e-3) * torch.exp(log_gain)).clamp(max=self.cfg.amplitude_max)
         return torch.polar(amplitude_out, torch.angle(estimate) + phase_shift)
+
+    def refine_stitched(self, obj: torch.Tensor, probe: torch.Tensor, positions_px: torch.Tensor, amplitudes,
+                        good_pixels: torch.Tensor | None = None) -> torch.Tensor:
+        """The learned refinement of the stitched object ``(H, W)`` complex64 over the whole scan
+        (positions ``(M, 2)`` float32, amplitudes ``(M, N, N)`` or a reader of indices); the object itself
+        when the model has none."""
+        if self.refiner is None:
+            return obj
+        return self.refiner(obj, probe, positions_px, amplitudes, good_pixels)
 
     def probe_intensity(self) -> torch.Tensor:
         """``(N, N)`` float32 training-probe intensity (modes summed): the stitching and overlap weight."""

@@ -65,6 +65,56 @@ def refine_object(obj: torch.Tensor, scan: ScanData, probe: torch.Tensor, steps:
     return RefineResult(result.obj, result.loss_history)
 
 
+def object_gradient(obj: torch.Tensor, probe: torch.Tensor, positions_px: torch.Tensor,
+                    amplitudes: torch.Tensor | Callable[[torch.Tensor], torch.Tensor],
+                    good_pixels: torch.Tensor | None = None, eps_counts: float = 0.5, batch_size: int = 256,
+                    create_graph: bool = False) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The whole scan's Poisson NLL gradient at ``obj``, its illumination and the NLL, batch by batch.
+
+    obj ``(H, W)`` complex64; probe ``(N, N)``/``(K, N, N)``; positions
+    ``(M, 2)`` float32; amplitudes ``(M, N, N)`` float32 (counts scale) or a
+    function of pattern indices ``(B,)`` returning theirs. Returns
+    ``(grad (H, W) complex64, illumination (H, W) float32, nll)``: torch's
+    ``2 dL/d(conj obj)`` of the summed NLL, the probe intensity summed
+    over every position, and the summed NLL (deviance/2). ``create_graph``: the gradient is itself
+    differentiable (a learned refinement trained through it).
+    """
+    N = probe.shape[-1]
+    intensity = physics.intensity_of(probe)
+    grad = torch.zeros_like(obj)
+    illumination = torch.zeros(obj.shape, dtype=torch.float32)
+    total = 0.0
+    M = len(positions_px)
+    for start in range(0, M, batch_size):
+        idx = torch.arange(start, min(start + batch_size, M))
+        amp = amplitudes(idx) if callable(amplitudes) else amplitudes[idx]
+        point = obj if create_graph else obj.detach().requires_grad_(True)
+        with torch.enable_grad():
+            point = point if point.requires_grad else point.requires_grad_(True)
+            pred = physics.forward_amplitude(point, probe, positions_px[idx])
+            loss = poisson_nll(pred, amp, good_pixels, eps_counts, reduction="sum")
+            (g,) = torch.autograd.grad(loss, point, create_graph=create_graph)
+        grad = grad + g
+        total += float(loss.detach())
+        physics.insert_patches(intensity.expand(len(idx), N, N), positions_px[idx], obj.shape, out=illumination)
+    return grad, illumination, total
+
+
+def object_nll(obj: torch.Tensor, probe: torch.Tensor, positions_px: torch.Tensor,
+               amplitudes: torch.Tensor | Callable[[torch.Tensor], torch.Tensor],
+               good_pixels: torch.Tensor | None = None, eps_counts: float = 0.5, batch_size: int = 256) -> float:
+    """The whole scan's summed Poisson NLL at ``obj`` (as :func:`object_gradient` reports it), forward only."""
+    total = 0.0
+    M = len(positions_px)
+    with torch.no_grad():
+        for start in range(0, M, batch_size):
+            idx = torch.arange(start, min(start + batch_size, M))
+            amp = amplitudes(idx) if callable(amplitudes) else amplitudes[idx]
+            pred = physics.forward_amplitude(obj, probe, positions_px[idx])
+            total += float(poisson_nll(pred, amp, good_pixels, eps_counts, reduction="sum"))
+    return total
+
+
 # --------------------------------------------------------------------------
 # Probe modes
 
