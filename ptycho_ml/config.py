@@ -167,7 +167,8 @@ NPZ_CRC_CHECK_MAX_BYTES = 256 * 1024 * 1024
 #: NPZ members at least this large are read on demand instead of loaded.
 NPZ_STREAM_MIN_BYTES = 1 << 20
 #: The largest object canvas a reconstruction allocates, in pixels (2^29, about 23,000 x 23,000;
-#: stitching and refinement hold about 36 bytes per pixel). ``$PTYCHO_ML_MAX_CANVAS_PIXELS`` overrides it.
+#: stitching and refinement hold about 36 bytes per pixel, the model's learned stages about 60 while they run).
+#: ``$PTYCHO_ML_MAX_CANVAS_PIXELS`` overrides it.
 MAX_CANVAS_PIXELS = 1 << 29
 MAX_CANVAS_PIXELS_ENV = "PTYCHO_ML_MAX_CANVAS_PIXELS"
 #: The most incoherent probe modes a refinement learns: beyond a few, extra modes carry noise, not beam.

@@ -27,7 +27,8 @@ FLAT_PACKAGE_COMMIT = "9a0a35d"
 
 def _tiny_model(tiny_scan) -> DiffractionToObject:
     torch.manual_seed(0)
-    model = DiffractionToObject(ModelConfig(preset="tiny", N=32, gridsize=1), torch.from_numpy(tiny_scan.probe),
+    # No learned refinement stages: the flat package predates them, and a model without them is what it reads.
+    model = DiffractionToObject(ModelConfig(preset="tiny", N=32, gridsize=1, refiner_stages=0), torch.from_numpy(tiny_scan.probe),
                                 float(np.sqrt(np.mean(tiny_scan.amplitude.astype(np.float64) ** 2))))
     with torch.no_grad():  # non-zero heads, so the output depends on every weight
         for p in model.generator.parameters():

@@ -217,6 +217,9 @@ def test_a_bundle_from_before_the_refiner_loads_without_one(scan, tmp_path):
     assert loaded.refiner is None and loaded.cfg.refiner_stages == 0
     with zipfile.ZipFile(path) as z:
         assert "refiner" not in json.loads(z.read("manifest.json"))["models"]
+    # and a model without stages is written as before, so that older readers (strict about keys) still load it
+    again = save_model_bundle(loaded, tmp_path / "again.wts.h5.zip")
+    assert read_bundle(again).config["model"] == config
 
 
 def test_refiner_settings_are_validated_and_default_to_the_preset():

@@ -25,7 +25,10 @@ def save_model_bundle(model: DiffractionToObject, path: str | Path, config: dict
     ``config`` is stored next to the model config under its own keys
     (e.g. ``training``); ``extra`` holds summaries such as metrics.
     """
-    full_config = {"model": model.cfg.to_dict(), **(config or {})}
+    model_config = model.cfg.to_dict()
+    if not model_config["refiner_stages"]:  # written as before the learned refinement: older readers still load it
+        del model_config["refiner_stages"], model_config["refiner_width"]
+    full_config = {"model": model_config, **(config or {})}
     models = {"diffraction_to_obj": _to_numpy(model.state_dict()), "autoencoder": _to_numpy(model.generator.state_dict())}
     if model.refiner is not None:  # the learned refinement on its own too, as the generator is ("autoencoder")
         models["refiner"] = _to_numpy(model.refiner.state_dict())

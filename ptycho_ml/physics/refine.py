@@ -94,7 +94,7 @@ def object_gradient(obj: torch.Tensor, probe: torch.Tensor, positions_px: torch.
             pred = physics.forward_amplitude(point, probe, positions_px[idx])
             loss = poisson_nll(pred, amp, good_pixels, eps_counts, reduction="sum")
             (g,) = torch.autograd.grad(loss, point, create_graph=create_graph)
-        grad = grad + g
+        grad = grad + g if create_graph else grad.add_(g)  # in place unless the sum itself is differentiated
         total += float(loss.detach())
         physics.insert_patches(intensity.expand(len(idx), N, N), positions_px[idx], obj.shape, out=illumination)
     return grad, illumination, total
