@@ -100,6 +100,23 @@ def test_gradients_reach_every_stage_and_the_step_lengths(scan):
         assert torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
+def test_without_ground_truth_the_windows_train_on_the_measurements_alone(scan):
+    """Measured data (a Poisson loss): the scan's object may be only a guess, so windows carry no truth and
+    the loss is the Poisson NLL after the last stage."""
+    model = _model(scan)
+    (with_truth,) = cut_windows(model, scan, 1, steps_across=4, rng=np.random.default_rng(2))
+    (measured,) = cut_windows(model, scan, 1, steps_across=4, rng=np.random.default_rng(2), use_truth=False)
+    assert with_truth.truth is not None and measured.truth is None
+    refiner = LearnedRefiner(1, width=4)
+    with torch.no_grad():
+        physics_only = float(window_loss(refiner, measured))
+        hybrid = float(window_loss(refiner, with_truth))
+        last = refiner(measured.start, measured.probe, measured.positions_px, measured.amplitudes)
+    expected = float(poisson_nll(physics.forward_amplitude(last, measured.probe, measured.positions_px),
+                                 measured.amplitudes))
+    assert physics_only == pytest.approx(expected, rel=1e-5) and hybrid > physics_only
+
+
 def test_training_lowers_the_loss_without_collapse(scan):
     """A short training run lowers the windows' loss below the untrained refiner's, and its output still
     follows the object (not a constant) and stays close to the truth where the scan sees it."""

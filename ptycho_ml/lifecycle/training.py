@@ -180,7 +180,8 @@ def train(config: TrainingConfig, loggers: list[Any] | None = None, preview_sink
         # The learned refinement, behind the trained generator, over windows of the training scans.
         model.refiner, refiner_history = fit_refiner(model, scans, model.cfg.refiner_stages, model.cfg.refiner_width,
                                                      iterations=config.refiner_iterations, seed=config.seed,
-                                                     progress=not config.quiet)
+                                                     progress=not config.quiet,
+                                                     use_truth=config.loss in ("hybrid", "supervised"))
         _log_refiner_curve(loggers, refiner_history)
     fingerprint = dataset_fingerprint(scans)
     summary = {"n_parameters": count_parameters(model.generator), "flops_per_pattern": flops_per_pattern(model)}

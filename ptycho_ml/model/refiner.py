@@ -169,13 +169,3 @@ class LearnedRefiner(nn.Module):
                 out[y:y + tile, x:x + tile] = delta[y - ya:y - ya + tile, x - xa:x - xa + tile]
         return out
 
-
-def refiner_flops(refiner: LearnedRefiner, shape: tuple[int, int]) -> float:
-    """FLOPs of the learned corrections over an ``shape`` object (the gradient steps are the refinement's own cost)."""
-    if not refiner.stages:
-        return 0.0
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        refiner.corrections[0](torch.zeros(1, 5, *shape))
-    return counter.get_total_flops() * refiner.stages

@@ -44,12 +44,14 @@ class Window:
 
 
 def cut_windows(model: DiffractionToObject, scan: ScanData, count: int, steps_across: int,
-                rng: np.random.Generator) -> list[Window]:
+                rng: np.random.Generator, use_truth: bool = True) -> list[Window]:
     """``count`` random windows of ``scan``, each about ``steps_across`` scan steps a side.
 
     The scan's own probe drives the generator and the physics (as in
     training with several scans). Windows are cropped to the patterns'
-    footprint plus one pixel.
+    footprint plus one pixel. ``use_truth``: the scan's object is its
+    ground truth (simulated data, a hybrid or supervised loss); otherwise
+    it is ignored (it may be only an initial guess).
     """
     N = scan.N
     positions = np.asarray(scan.positions_px, dtype=np.float64)
@@ -57,7 +59,7 @@ def cut_windows(model: DiffractionToObject, scan: ScanData, count: int, steps_ac
     half = steps_across * max(float(spacing), 1.0) / 2
     probe = torch.from_numpy(np.asarray(scan.probe, dtype=np.complex64))
     weight = physics.intensity_of(probe)
-    truth_all = None if scan.obj is None else np.asarray(scan.obj)
+    truth_all = None if scan.obj is None or not use_truth else np.asarray(scan.obj)
     good = None if scan.good_pixels is None else torch.from_numpy(scan.good_pixels)
     C = model.cfg.gridsize**2
     windows = []
@@ -101,12 +103,13 @@ def window_loss(refiner: LearnedRefiner, window: Window, good_pixels: torch.Tens
 
 def fit_refiner(model: DiffractionToObject, scans: ScanData | Sequence[ScanData], stages: int, width: int = 16,
                 iterations: int = 400, windows_per_scan: int = 48, steps_across: int = 6,
-                learning_rate: float = 1e-3, seed: int = 0, progress: bool = False,
+                learning_rate: float = 1e-3, seed: int = 0, progress: bool = False, use_truth: bool = True,
                 on_iteration=None) -> tuple[LearnedRefiner, list[float]]:
     """Train a :class:`LearnedRefiner` of ``stages`` stages behind the (frozen) generator of ``model``.
 
     Returns ``(refiner in eval mode, loss per iteration)``. ``on_iteration(i, loss)`` is called after each
-    step; ``progress`` shows a progress bar.
+    step; ``progress`` shows a progress bar. ``use_truth``: train against the scans' ground truth too
+    (as the generator's hybrid loss does); False: the Poisson NLL alone.
     """
     from tqdm.auto import tqdm
 
@@ -114,7 +117,7 @@ def fit_refiner(model: DiffractionToObject, scans: ScanData | Sequence[ScanData]
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model.eval()
-    windows = [w for scan in scans for w in cut_windows(model, scan, windows_per_scan, steps_across, rng)]
+    windows = [w for scan in scans for w in cut_windows(model, scan, windows_per_scan, steps_across, rng, use_truth)]
     refiner = LearnedRefiner(stages, width)
     if not stages or not windows:
         return refiner.eval(), []
