@@ -1,9 +1,11 @@
 #!/usr/bin/env python
 """Speed, measured side by side in one run: network forward vs the whole reconstruct path, training, memory, FLOP/s.
 
-(a) patterns/s of the bare network forward (batches already in memory);
+(a) patterns/s of the bare model (batches already in memory): the generator
+    forward and, for models with learned stages, those stages on the stitched
+    object (each reported on its own too);
 (b) patterns/s of the whole reconstruct path without refinement: reading the
-    scan from its NPZ file, the network, and vectorised stitching;
+    scan from its NPZ file, the model, and vectorised stitching;
 (b)/(a) is the stitching-and-I/O overhead ratio (goal >= 0.8; the reference
 implementation's stitching cut it to about 0.04). Also training patterns/s
 (forward + backward + optimiser), peak resident memory, and the network's
@@ -32,7 +34,7 @@ from ptycho_ml.data.grouping import partition_groups
 from ptycho_ml.model.module import physics_step
 from ptycho_ml.model.bundle_io import load_model_bundle
 from ptycho_ml.model.network import DiffractionToObject, flops_per_pattern
-from ptycho_ml.inference.reconstruct import inference_probe, reconstruct
+from ptycho_ml.inference.reconstruct import inference_probe, network_object, reconstruct
 
 HERE = Path(__file__).resolve().parent
 
@@ -85,15 +87,27 @@ def main() -> None:
             for start in range(0, len(amplitudes), group_batch):
                 model(amplitudes[start:start + group_batch], probe)
 
+    good = None if scan.good_pixels is None else torch.from_numpy(scan.good_pixels)
+    positions = torch.from_numpy(scan.positions_px.astype("float32"))
+    all_amplitudes = torch.from_numpy(scan.amplitude(slice(0, M)))
+    start_obj = network_object(model, scan, probe=probe, learned_refinement=False)[0]
+
+    def stages_only():  # the learned stages over the stitched object (nothing for a model without them)
+        with torch.no_grad():
+            model.refine_stitched(start_obj, probe, positions, all_amplitudes, good)
+
     def whole_path():
         reconstruct(model, load_scan(path), InferenceConfig(refine_steps=0, batch_size=args.batch_size,
                                                             progress=False, threads=args.threads))
 
     # Interleaved, so that both see the same load from whatever else runs on the machine.
-    network_only(), whole_path()
-    pairs = [(median_time(network_only, 1), median_time(whole_path, 1)) for _ in range(args.repeats)]
-    t_net = statistics.median(p[0] for p in pairs)
-    t_all = statistics.median(p[1] for p in pairs)
+    network_only(), stages_only(), whole_path()
+    runs = [(median_time(network_only, 1), median_time(stages_only, 1), median_time(whole_path, 1))
+            for _ in range(args.repeats)]
+    t_net = statistics.median(r[0] for r in runs)
+    t_stages = statistics.median(r[1] for r in runs)
+    t_model = statistics.median(r[0] + r[1] for r in runs)
+    t_all = statistics.median(r[2] for r in runs)
 
     train_model = DiffractionToObject(model.cfg, model.probe, float(model.amplitude_scale)).train()
     opt = torch.optim.AdamW(train_model.parameters(), lr=1e-3)
@@ -114,10 +128,13 @@ def main() -> None:
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     print(f"scan: {M} patterns of {scan.N}x{scan.N}, {args.threads} thread(s), median of {args.repeats}")
-    print(f"(a) network forward               {net_rate:9.1f} patterns/s")
-    print(f"(b) reconstruct path, no refine   {M / t_all:9.1f} patterns/s   (b)/(a) = {t_net / t_all:.3f}  (goal >= 0.8)")
+    stages = model.refiner.stages if model.refiner is not None else 0
+    print(f"    generator forward             {net_rate:9.1f} patterns/s")
+    print(f"    {stages} learned stages             {t_stages:9.3f} s per scan")
+    print(f"(a) model (generator + stages)    {M / t_model:9.1f} patterns/s")
+    print(f"(b) reconstruct path, no refine   {M / t_all:9.1f} patterns/s   (b)/(a) = {t_model / t_all:.3f}  (goal >= 0.8)")
     print(f"training step (fwd+bwd+AdamW)     {32 / t_train:9.1f} patterns/s")
-    print(f"network {flops / 1e6:.1f} MFLOP/pattern -> {gflops:.2f} GFLOP/s; torch matmul {peak:.1f} GFLOP/s; "
+    print(f"generator {flops / 1e6:.1f} MFLOP/pattern -> {gflops:.2f} GFLOP/s; torch matmul {peak:.1f} GFLOP/s; "
           f"fraction {gflops / peak:.3f}")
     print(f"peak resident memory              {rss_mb:9.0f} MB")
 
