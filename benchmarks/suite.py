@@ -13,7 +13,9 @@ for training:
   a defocused pupil with astigmatism, a Gaussian, a diffuser-like speckled probe;
 * doses 1e4 to 1e7 photons per pattern, N = 64 and 128, raster and Fermat-spiral scans.
 
-For each scan, in one process, one after the other: the network alone;
+For each scan, in one process, one after the other: the network alone (the
+model's output, its learned stages included; for models with them, also the
+generator alone and generator + 8 and + 30);
 network + K refinement passes and a flat start + K passes for K in
 ``--passes`` (default 0, 2, 5, 8, 10, 30); the default pipeline as
 ``ptycho-ml reconstruct`` runs it (network + 30 passes with the automatic
