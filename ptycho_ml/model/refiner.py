@@ -24,10 +24,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ptycho_ml.physics.refine import object_gradient, object_nll
+from ptycho_ml.physics import forward as physics
+from ptycho_ml.physics.refine import ILLUMINATION_FLOOR, coverage, object_gradient, object_nll
 
-#: Illumination floor of the stage preconditioner, as a fraction of the brightest pixel (as in the refinement).
-PRECONDITIONER_FLOOR = 0.05
 #: Outside training, objects with more pixels than this run the correction network tile by tile
 #: (its activations are ~100 floats per pixel); each tile carries a border wider than its receptive field.
 TILE_PX = 512
@@ -104,21 +103,22 @@ class LearnedRefiner(nn.Module):
         receives ``corrections_kept`` and the NLL before and after.
         """
         guard = not torch.is_grad_enabled()
+        # The illumination does not change from stage to stage: one preconditioner for all of them.
+        illumination = coverage(positions_px, physics.intensity_of(probe), obj.shape)
+        denominator = illumination + ILLUMINATION_FLOOR * illumination.max()
         outputs = []
         correcting = True
         kept = 0
         before = None  # (NLL at the last stage's start, its object after the plain step)
         nll0 = None
         for s in range(self.stages):
-            grad, illumination, nll = object_gradient(obj, probe, positions_px, amplitudes, good_pixels,
-                                                      batch_size=batch_size, create_graph=not guard)
+            grad, nll = object_gradient(obj, probe, positions_px, amplitudes, good_pixels,
+                                        batch_size=batch_size, create_graph=not guard)
             if guard and before is not None and nll > before[0]:  # the last correction made the fit worse
                 obj, correcting, kept = before[1], False, kept - 1
                 outputs[-1] = obj
-                grad, illumination, nll = object_gradient(obj, probe, positions_px, amplitudes, good_pixels,
-                                                          batch_size=batch_size)
+                grad, nll = object_gradient(obj, probe, positions_px, amplitudes, good_pixels, batch_size=batch_size)
             nll0 = nll if nll0 is None else nll0
-            denominator = illumination + PRECONDITIONER_FLOOR * illumination.max()
             # torch's complex gradient is 2 dL/d(conj z); the Poisson gradient is about twice the amplitude one: /4.
             step = grad / (4 * denominator)
             del grad

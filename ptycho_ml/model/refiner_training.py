@@ -41,6 +41,7 @@ class Window:
     amplitudes: torch.Tensor  # (m, N, N) float32
     positions_px: torch.Tensor  # (m, 2) float32, in the window's canvas
     probe: torch.Tensor  # (N, N) or (K, N, N) complex64
+    lit: torch.Tensor  # (h, w) float32: the illumination over the window, max 1 (weights the object error)
 
 
 def cut_windows(model: DiffractionToObject, scan: ScanData, count: int, steps_across: int,
@@ -79,7 +80,8 @@ def cut_windows(model: DiffractionToObject, scan: ScanData, count: int, steps_ac
         stitcher = Stitcher((y1 - y0, x1 - x0), weight)
         stitcher.add(patches[torch.from_numpy(owned)], local[torch.from_numpy(groups[owned])])
         truth = None if truth_all is None else torch.from_numpy(truth_all[y0:y1, x0:x1].astype(np.complex64))
-        windows.append(Window(stitcher.result(), truth, amp, local, probe))
+        lit = stitcher.illumination()  # the probe intensity summed over the window's positions
+        windows.append(Window(stitcher.result(), truth, amp, local, probe, lit / lit.max()))
     return windows
 
 
@@ -90,19 +92,15 @@ def window_loss(refiner: LearnedRefiner, window: Window, good_pixels: torch.Tens
     pred = physics.forward_amplitude(outputs[-1], window.probe, window.positions_px)
     loss = poisson_nll(pred, window.amplitudes, good_pixels)
     if window.truth is not None:
-        N = window.probe.shape[-1]
-        lit = torch.zeros(window.start.shape)
-        physics.insert_patches(physics.intensity_of(window.probe).expand(len(window.positions_px), N, N),
-                               window.positions_px, window.start.shape, out=lit)
-        lit = lit / lit.max()
+        lit = window.lit
         errors = [((obj - window.truth).abs().square() * lit).sum() / lit.sum() for obj in outputs]
         supervised = errors[-1] + EARLY_STAGE_WEIGHT * sum(errors[:-1])
         loss = loss + HYBRID_SUPERVISED_WEIGHT * supervised
     return loss
 
 
-def fit_refiner(model: DiffractionToObject, scans: ScanData | Sequence[ScanData], stages: int, width: int = 16,
-                iterations: int = 400, windows_per_scan: int = 48, steps_across: int = 6,
+def fit_refiner(model: DiffractionToObject, scans: ScanData | Sequence[ScanData], stages: int, width: int = 16, *,
+                iterations: int, windows_per_scan: int = 48, steps_across: int = 6,
                 learning_rate: float = 1e-3, seed: int = 0, progress: bool = False, use_truth: bool = True,
                 on_iteration=None) -> tuple[LearnedRefiner, list[float]]:
     """Train a :class:`LearnedRefiner` of ``stages`` stages behind the (frozen) generator of ``model``.

@@ -30,6 +30,10 @@ from ptycho_ml.physics.losses import poisson_nll
 from ptycho_ml.data.scan import ScanData
 
 
+#: Floor of the illumination preconditioner, as a fraction of the brightest pixel: dim edges do not take huge steps.
+ILLUMINATION_FLOOR = 0.05
+
+
 @dataclass
 class RefineResult:
     obj: torch.Tensor  # (H, W) complex64
@@ -48,7 +52,7 @@ class JointRefineResult(RefineResult):
 
 def refine_object(obj: torch.Tensor, scan: ScanData, probe: torch.Tensor, steps: int, *,
                   batch_size: int = 128, step_size: float = 0.4, momentum: float = 0.9,
-                  regularisation: float = 0.05, eps_counts: float = 0.5, seed: int = 0,
+                  regularisation: float = ILLUMINATION_FLOOR, eps_counts: float = 0.5, seed: int = 0,
                   amplitudes: torch.Tensor | None = None,
                   on_step: Callable[[int, float], None] | None = None) -> RefineResult:
     """Refine ``obj (H, W) complex64`` against the scan's diffraction for ``steps`` passes (epochs).
@@ -68,21 +72,18 @@ def refine_object(obj: torch.Tensor, scan: ScanData, probe: torch.Tensor, steps:
 def object_gradient(obj: torch.Tensor, probe: torch.Tensor, positions_px: torch.Tensor,
                     amplitudes: torch.Tensor | Callable[[torch.Tensor], torch.Tensor],
                     good_pixels: torch.Tensor | None = None, eps_counts: float = 0.5, batch_size: int = 256,
-                    create_graph: bool = False) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """The whole scan's Poisson NLL gradient at ``obj``, its illumination and the NLL, batch by batch.
+                    create_graph: bool = False) -> tuple[torch.Tensor, float]:
+    """The whole scan's Poisson NLL gradient at ``obj`` and the NLL, batch by batch.
 
     obj ``(H, W)`` complex64; probe ``(N, N)``/``(K, N, N)``; positions
     ``(M, 2)`` float32; amplitudes ``(M, N, N)`` float32 (counts scale) or a
     function of pattern indices ``(B,)`` returning theirs. Returns
-    ``(grad (H, W) complex64, illumination (H, W) float32, nll)``: torch's
-    ``2 dL/d(conj obj)`` of the summed NLL, the probe intensity summed
-    over every position, and the summed NLL (deviance/2). ``create_graph``: the gradient is itself
-    differentiable (a learned refinement trained through it).
+    ``(grad (H, W) complex64, nll)``: torch's ``2 dL/d(conj obj)`` of the
+    summed NLL, and the summed NLL (deviance/2). ``create_graph``: the
+    gradient is itself differentiable (a learned refinement trained through
+    it). The illumination that preconditions it is :func:`coverage`.
     """
-    N = probe.shape[-1]
-    intensity = physics.intensity_of(probe)
     grad = torch.zeros_like(obj)
-    illumination = torch.zeros(obj.shape, dtype=torch.float32)
     total = 0.0
     M = len(positions_px)
     for start in range(0, M, batch_size):
@@ -96,8 +97,7 @@ def object_gradient(obj: torch.Tensor, probe: torch.Tensor, positions_px: torch.
             (g,) = torch.autograd.grad(loss, point, create_graph=create_graph)
         grad = grad + g if create_graph else grad.add_(g)  # in place unless the sum itself is differentiated
         total += float(loss.detach())
-        physics.insert_patches(intensity.expand(len(idx), N, N), positions_px[idx], obj.shape, out=illumination)
-    return grad, illumination, total
+    return grad, total
 
 
 def object_nll(obj: torch.Tensor, probe: torch.Tensor, positions_px: torch.Tensor,
@@ -179,7 +179,7 @@ def refine_joint(obj: torch.Tensor, scan: ScanData, probe: torch.Tensor, steps: 
                  probe_rate: float = 1.0, position_rate: float = 1.0,
                  max_position_step_px: float = 0.5, max_position_correction_px: float | None = None,
                  batch_size: int = 128, step_size: float = 0.4, momentum: float = 0.9,
-                 regularisation: float = 0.05, eps_counts: float = 0.5, seed: int = 0,
+                 regularisation: float = ILLUMINATION_FLOOR, eps_counts: float = 0.5, seed: int = 0,
                  amplitudes: torch.Tensor | None = None, object_ramp_gauge: bool = True,
                  start_positions_px: np.ndarray | None = None,
                  on_step: Callable[[int, float], None] | None = None) -> JointRefineResult:
@@ -286,7 +286,7 @@ def refine_joint(obj: torch.Tensor, scan: ScanData, probe: torch.Tensor, steps: 
             probe.copy_(orthogonalise_modes(probe))
         if probe_on and object_ramp_gauge:
             if seen is None:
-                seen = _coverage(positions, intensity, obj.shape)
+                seen = coverage(positions, intensity, obj.shape)
             obj = _remove_phase_ramp(obj[None], start_obj[None], seen)[0]
         if positions_on:
             # Gauge: no common shift; bound: each correction within bound_px of the start.
@@ -329,7 +329,7 @@ def _remove_phase_ramp(field: torch.Tensor, start: torch.Tensor, weight: torch.T
     return field * ramp
 
 
-def _coverage(positions: torch.Tensor, intensity: torch.Tensor, shape: tuple[int, int], chunk: int = 1024) -> torch.Tensor:
+def coverage(positions: torch.Tensor, intensity: torch.Tensor, shape: tuple[int, int], chunk: int = 1024) -> torch.Tensor:
     """``(H, W)`` float32: the probe intensity summed over every position (how well each pixel is seen)."""
     out = torch.zeros(shape, dtype=torch.float32)
     N = intensity.shape[-1]
