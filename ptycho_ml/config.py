@@ -314,10 +314,13 @@ class TrainingConfig(ConfigBase):
         return min(self.threads, cores) if self.threads else cores
 
 
+#: Above this the wide-phase steps overshoot: 8 was already worse than 4 on every suite scan measured.
+MAX_PHASE_GAIN = 16.0
+
 #: The refinement settings of :class:`InferenceConfig` the CLI flags, the pyfunc params and the MLproject
 #: ``reconstruct`` parameters carry under the same names.
 REFINEMENT_FIELDS = ("refine_probe", "refine_positions", "refine_intensity", "probe_modes", "probe_support_px",
-                     "refine_auto")
+                     "refine_auto", "phase_gain")
 
 
 @dataclass(frozen=True)
@@ -339,6 +342,9 @@ class InferenceConfig(ConfigBase):
     # With no switch above on: refine the probe and/or the positions only where the fit says the scan
     # needs it (ptycho_ml.physics.refine.refine_auto); off = the object alone, as before.
     refine_auto: bool = True
+    # Extra gain of the object steps' wide phase (ptycho_ml.physics.refine.wide_phase; 0 = none, 4 measured):
+    # helps at high dose, hurts at low dose (docs/benchmarks.md, "Wide phase").
+    phase_gain: float = 0.0
 
     @property
     def explicit_refinement(self) -> bool:
@@ -358,6 +364,9 @@ class InferenceConfig(ConfigBase):
                                    "expected 1 unless the probe is refined (extra modes are learnt from the data)")
         if self.probe_support_px < 0:
             raise PtychoInputError(f"config: {name}.probe_support_px: found {self.probe_support_px}, expected >= 0 (0 = no support)")
+        if not 0 <= self.phase_gain <= MAX_PHASE_GAIN:
+            raise PtychoInputError(f"config: {name}.phase_gain: found {self.phase_gain}, expected 0..{MAX_PHASE_GAIN:g} "
+                                   "(0 = none; 4 measured, docs/benchmarks.md)")
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ frame flattened (MLflow reshapes it by the signature). Params: ``output``
 (``object`` | ``patches``), ``refine_steps`` (default 0, for latency),
 ``obj_height``/``obj_width`` (default: just big enough for the positions),
 ``refine_probe``, ``refine_positions``, ``refine_intensity`` (default false),
-``probe_modes`` (default 1), ``probe_support_px`` (default 0) and
-``refine_auto`` (default true), as ``ptycho-ml reconstruct``'s flags.
+``probe_modes`` (default 1), ``probe_support_px`` (default 0),
+``refine_auto`` (default true) and ``phase_gain`` (default 0), as ``ptycho-ml reconstruct``'s flags.
 Output: ``{"amplitude", "phase"}`` arrays of the stitched object ``(H, W)``
 or of the patches ``(B, N, N)``, beside them the strings that name the model
 (``bundle_sha256``, and ``run_id`` when its ``MLmodel`` records one;
@@ -85,7 +85,8 @@ def model_signature(N: int) -> ModelSignature:
                           ParamSpec("obj_height", "long", 0), ParamSpec("obj_width", "long", 0),
                           ParamSpec("refine_probe", "boolean", False), ParamSpec("refine_positions", "boolean", False),
                           ParamSpec("refine_intensity", "boolean", False), ParamSpec("probe_modes", "long", 1),
-                          ParamSpec("probe_support_px", "double", 0.0), ParamSpec("refine_auto", "boolean", True)])
+                          ParamSpec("probe_support_px", "double", 0.0), ParamSpec("refine_auto", "boolean", True),
+                          ParamSpec("phase_gain", "double", 0.0)])
     return ModelSignature(inputs=inputs, params=params)
 
 

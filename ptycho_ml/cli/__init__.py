@@ -259,7 +259,7 @@ def _load_model(bundle, model_uri, name, stage, alias, model_version):
 
 def _refinement_options(f):
     """``--refine-probe``, ``--refine-positions``, ``--refine-intensity`` (alone = on; or ``true``/``false``, as
-    MLflow passes a parameter), ``--probe-modes``, ``--probe-support-px`` and ``--refine-auto``: the
+    MLflow passes a parameter), ``--probe-modes``, ``--probe-support-px``, ``--refine-auto`` and ``--phase-gain``: the
     :data:`~ptycho_ml.config.REFINEMENT_FIELDS` of :class:`~ptycho_ml.config.InferenceConfig`, which a command
     receives as ``**refinement``."""
     for opt in reversed([
@@ -277,6 +277,9 @@ def _refinement_options(f):
         click.option("--refine-auto", type=click.BOOL, is_flag=False, flag_value=True, default=None,
                      help="With no switch above: refine the probe and/or positions too where the data are not "
                           "explained by the object alone (default true; false = the object only)."),
+        click.option("--phase-gain", default=None, type=float,
+                     help="Extra gain of the refinement's phase wider than the probe (default 0 = none; 4 "
+                          "measured: better at high dose, worse at 1e4 photons per pattern, docs/benchmarks.md)."),
     ]):
         f = opt(f)
     return f

@@ -278,14 +278,15 @@ def reconstruct(model: DiffractionToObject, scan: ScanData, cfg: InferenceConfig
             if auto:
                 refined, report = refine_auto(obj, scan, probe, cfg.refine_steps, probe_modes=AUTO_PROBE_MODES,
                                               probe_support_px=cfg.probe_support_px, amplitudes=amplitudes,
-                                              on_step=lambda i, loss: bar.update(1))
+                                              phase_gain=cfg.phase_gain, on_step=lambda i, loss: bar.update(1))
                 auto_report = report.to_dict()
                 what = tuple(report.chosen.split("+")) if report.chosen != "object" else ()
             else:
                 refined = refine_joint(obj, scan, probe, cfg.refine_steps, amplitudes=amplitudes,
                                        refine_probe=cfg.refine_probe, refine_positions=cfg.refine_positions,
                                        refine_intensity=cfg.refine_intensity, probe_modes=cfg.probe_modes,
-                                       probe_support_px=cfg.probe_support_px, on_step=lambda i, loss: bar.update(1))
+                                       probe_support_px=cfg.probe_support_px, phase_gain=cfg.phase_gain,
+                                       on_step=lambda i, loss: bar.update(1))
                 what = tuple(k for k, on in (("probe", cfg.refine_probe), ("positions", cfg.refine_positions),
                                              ("intensity", cfg.refine_intensity)) if on)
         obj, history = refined.obj, refined.loss_history
