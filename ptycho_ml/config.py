@@ -314,7 +314,8 @@ class TrainingConfig(ConfigBase):
         return min(self.threads, cores) if self.threads else cores
 
 
-#: Above this the wide-phase steps overshoot: 8 was already worse than 4 on every suite scan measured.
+#: A sanity bound on ``phase_gain``, not a tuned value: at 30 passes a gain of 8 was nowhere better than 4
+#: on the six suite scans measured (docs/benchmarks.md, "Wide phase").
 MAX_PHASE_GAIN = 16.0
 
 #: The refinement settings of :class:`InferenceConfig` the CLI flags, the pyfunc params and the MLproject

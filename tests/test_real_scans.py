@@ -29,7 +29,8 @@ from ptycho_ml.model.network import DiffractionToObject
 from ptycho_ml.physics import simulate
 from ptycho_ml.physics.forward import intensity_of
 from ptycho_ml.physics.refine import (FIT_RATIO_LIMIT, PHASE_GAIN, deviance_ratio, initial_modes, orthogonalise_modes,
-                                     refine_auto, refine_joint, refine_object, wide_phase)
+                                     refine_auto, refine_joint, refine_object, wide_phase,
+                                     wide_phase_filter)
 from ptycho_ml.physics.scan_errors import simulate_with_errors
 from simdata import tiny_config
 from test_ptychodus import ptychodus_python, run_oracle  # noqa: F401  (the ptychodus venv fixture and oracle runner)
@@ -486,11 +487,12 @@ def test_wide_phase_is_the_smooth_phase_part_of_a_step():
     y, x = np.mgrid[:64, :64]
     smooth = torch.from_numpy((0.01 * np.exp(-((x - 32) ** 2 + (y - 32) ** 2) / (2 * 20.0**2))).astype(np.float32))
     fine = torch.from_numpy((0.01 * (-1.0) ** (x + y)).astype(np.float32))
+    lowpass = wide_phase_filter((64, 64), 4.0)
     # a smooth phase change passes almost whole; a pixel-scale one and an amplitude change do not
-    kept = wide_phase(1j * obj * smooth, obj, 4.0)
+    kept = wide_phase(1j * obj * smooth, obj, lowpass)
     assert float((kept - 1j * obj * smooth).abs().max()) < 0.1 * float((1j * obj * smooth).abs().max())
-    assert float(wide_phase(1j * obj * fine, obj, 4.0).abs().max()) < 1e-3 * float((1j * obj * fine).abs().max()) + 1e-7
-    assert float(wide_phase(obj * smooth, obj, 4.0).abs().max()) < 1e-5
+    assert float(wide_phase(1j * obj * fine, obj, lowpass).abs().max()) < 1e-3 * float((1j * obj * fine).abs().max()) + 1e-7
+    assert float(wide_phase(obj * smooth, obj, lowpass).abs().max()) < 1e-5
     assert kept.dtype == torch.complex64 and kept.shape == obj.shape
 
 

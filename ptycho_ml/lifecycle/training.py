@@ -137,11 +137,20 @@ def held_out_figures(model: DiffractionToObject, test_scan: ScanData, refine_ste
     return recon, metrics, warm
 
 
-def _log_refiner_curve(loggers: list[Any] | None, history: list[float], every: int = 10) -> None:
-    """The learned refinement's training loss (mean of every ``every`` windows) as the metric ``refiner_loss``."""
+#: The learned refinement's learning curve is the mean loss of every this many training windows.
+REFINER_CURVE_EVERY = 10
+
+
+def _refiner_curve(history: list[float]) -> list[float]:
+    """The learned refinement's learning curve: the mean loss of every :data:`REFINER_CURVE_EVERY` windows."""
+    return [float(np.mean(history[i:i + REFINER_CURVE_EVERY])) for i in range(0, len(history), REFINER_CURVE_EVERY)]
+
+
+def _log_refiner_curve(loggers: list[Any] | None, curve: list[float]) -> None:
+    """:func:`_refiner_curve` as the metric ``refiner_loss``, its step the first window of each mean."""
     for logger in loggers or []:
-        for start in range(0, len(history), every):
-            logger.log_metrics({"refiner_loss": float(np.mean(history[start:start + every]))}, step=start)
+        for i, loss in enumerate(curve):
+            logger.log_metrics({"refiner_loss": loss}, step=i * REFINER_CURVE_EVERY)
 
 
 def train(config: TrainingConfig, loggers: list[Any] | None = None, preview_sink: PreviewSink | None = None,
@@ -176,13 +185,15 @@ def train(config: TrainingConfig, loggers: list[Any] | None = None, preview_sink
                            test_scan, is_global_zero=False)
     model = fitted.model
     refiner_history: list[float] = []
+    refiner_curve: list[float] = []
     if model.refiner is not None and config.refiner_iterations:
         # The learned refinement, behind the trained generator, over windows of the training scans.
         model.refiner, refiner_history = fit_refiner(model, scans, model.cfg.refiner_stages, model.cfg.refiner_width,
                                                      iterations=config.refiner_iterations, seed=config.seed,
                                                      progress=not config.quiet,
                                                      use_truth=config.loss in ("hybrid", "supervised"))
-        _log_refiner_curve(loggers, refiner_history)
+        refiner_curve = _refiner_curve(refiner_history)
+        _log_refiner_curve(loggers, refiner_curve)
     fingerprint = dataset_fingerprint(scans)
     summary = {"n_parameters": count_parameters(model.generator), "flops_per_pattern": flops_per_pattern(model)}
     if model.refiner is not None:
@@ -202,8 +213,8 @@ def train(config: TrainingConfig, loggers: list[Any] | None = None, preview_sink
              "model_summary": summary}
     if warm is not None:
         extra["warm_start"] = asdict(warm)
-    if refiner_history:  # its learning curve, as logged: the mean of every 10 windows
-        extra["refiner_loss"] = [float(np.mean(refiner_history[i:i + 10])) for i in range(0, len(refiner_history), 10)]
+    if refiner_curve:  # the learning curve, as logged
+        extra["refiner_loss"] = refiner_curve
     bundle_path = save_model_bundle(model, Path(config.output_dir) / "wts.h5.zip",
                                     config={"training": config.to_dict()}, extra=extra)
     return TrainResult(bundle_path, model, fitted.history, result_metrics, fitted.amplitude_scale, fitted.n_train,

@@ -251,7 +251,8 @@ def refine_joint(obj: torch.Tensor, scan: ScanData, probe: torch.Tensor, steps: 
     good = None if scan.good_pixels is None else torch.from_numpy(scan.good_pixels).to(torch.float32)
     intensity = physics.intensity_of(probe)
     generator = torch.Generator().manual_seed(seed)
-    phase_sigma_px = PHASE_GAIN_SIGMA_FRACTION * N
+    # The low-pass of the wide phase depends only on the canvas: made once, not per mini-batch.
+    wide = wide_phase_filter(obj.shape, PHASE_GAIN_SIGMA_FRACTION * N) if phase_gain else None
     velocity = torch.zeros_like(obj)
     history: list[float] = []
     joint = refine_probe or refine_positions or refine_intensity
@@ -297,7 +298,7 @@ def refine_joint(obj: torch.Tensor, scan: ScanData, probe: torch.Tensor, steps: 
             # the amplitude-loss one near the solution, hence /4.
             step_obj = -rate * grad / (4 * (illumination + regularisation * illumination.max()))
             if phase_gain:
-                step_obj = step_obj + phase_gain * wide_phase(step_obj, lookahead.detach(), phase_sigma_px)
+                step_obj = step_obj + phase_gain * wide_phase(step_obj, lookahead.detach(), wide)
             velocity = momentum * velocity + step_obj
             obj = (obj + velocity).detach()
             total += float(loss.detach())
@@ -326,16 +327,21 @@ def refine_joint(obj: torch.Tensor, scan: ScanData, probe: torch.Tensor, steps: 
     return JointRefineResult(obj, history, final_probe, final_positions, scale.numpy())
 
 
-def wide_phase(step: torch.Tensor, obj: torch.Tensor, sigma_px: float) -> torch.Tensor:
+def wide_phase_filter(shape: tuple[int, int], sigma_px: float) -> torch.Tensor:
+    """``(H, W) float32`` FFT transfer function of a Gaussian blur of ``sigma_px``: :func:`wide_phase`'s low-pass."""
+    H, W = shape
+    k2 = torch.fft.fftfreq(H).square()[:, None] + torch.fft.fftfreq(W).square()[None, :]
+    return torch.exp(-2 * (np.pi * sigma_px) ** 2 * k2)
+
+
+def wide_phase(step: torch.Tensor, obj: torch.Tensor, lowpass: torch.Tensor) -> torch.Tensor:
     """The part of an object step ``(H, W) complex64`` that changes the phase of ``obj (H, W)`` at scales
-    wider than a Gaussian of ``sigma_px``: ``i obj δφ``, with δφ the step's phase change ``Im(step conj(obj))
-    / |obj|²``, low-passed (FFT, periodic: the step is zero outside the scan, so the wrap is harmless)."""
+    wider than ``lowpass`` (:func:`wide_phase_filter`) keeps: ``i obj δφ``, with δφ the step's phase change
+    ``Im(step conj(obj)) / |obj|²``, low-passed (FFT, periodic: the step is zero outside the scan, so the wrap
+    is harmless)."""
     power = obj.real.square() + obj.imag.square()
     dphi = (step * obj.conj()).imag / (power + 1e-3 * power.max())  # floored: dark pixels hold no phase
-    H, W = dphi.shape
-    k2 = torch.fft.fftfreq(H).square()[:, None] + torch.fft.fftfreq(W).square()[None, :]
-    smooth = torch.fft.ifft2(torch.fft.fft2(dphi) * torch.exp(-2 * (np.pi * sigma_px) ** 2 * k2)).real
-    return 1j * obj * smooth
+    return 1j * obj * torch.fft.ifft2(torch.fft.fft2(dphi) * lowpass).real
 
 
 def _remove_phase_ramp(field: torch.Tensor, start: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
