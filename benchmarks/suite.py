@@ -218,10 +218,12 @@ def make_scan(spec: SuiteScan, path: Path) -> Path:
 
 
 def evaluate_scan(model, spec: SuiteScan, path: Path, passes: tuple[int, ...], ptychi_epochs: int | None,
-                  workdir: Path, reuse_ptychi: bool = False, phase_sync: bool = False, phase_gain: float = 0.0) -> dict:
+                  workdir: Path, reuse_ptychi: bool = False, phase_sync: bool = False,
+                  pipeline: dict | None = None) -> dict:
     """Network alone, network + K, flat + K and (optionally) pty-chi on one scan; one thread, one after the other.
 
-    The K-pass curves are the plain object refinement; ``phase_gain`` is the default pipeline's only."""
+    The K-pass curves are the plain object refinement; ``pipeline`` (InferenceConfig fields, e.g.
+    ``phase_gain``) changes the default pipeline's settings only."""
     scan = load_scan(path)
     probe = inference_probe(model, scan)
     t0 = time.perf_counter()
@@ -240,7 +242,7 @@ def evaluate_scan(model, spec: SuiteScan, path: Path, passes: tuple[int, ...], p
     # choice of what else to refine (refine_auto), timed as a whole.
     t0 = time.perf_counter()
     shipped = reconstruct(model, scan, InferenceConfig(progress=False, threads=torch.get_num_threads(),
-                                                       phase_gain=phase_gain))
+                                                       **(pipeline or {})))
     m = metrics.evaluate_object(shipped.obj, scan.obj, scan.positions_px, scan.N, scan.probe)
     result["default"] = {"seconds": time.perf_counter() - t0, **{k: float(v) for k, v in m.items()},
                          "auto_refinement": shipped.auto_refinement}
@@ -331,8 +333,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--passes", default="0,2,5,8,10,30", help="refinement passes K to try")
     ap.add_argument("--phase-sync", action="store_true",
                     help="align the network patches' phase offsets before stitching (the ablation; off by default)")
-    ap.add_argument("--phase-gain", type=float, default=0.0,
-                    help="the default pipeline's --phase-gain (0 = the shipped default; 4 = the measured choice)")
+    ap.add_argument("--phase-gain", type=float, default=None,
+                    help="the default pipeline's --phase-gain (default: the shipped default)")
+    ap.add_argument("--variance-reduction", choices=("true", "false"), default=None,
+                    help="the default pipeline's --variance-reduction (default: the shipped default)")
     ap.add_argument("--ptychi-epochs", type=int, default=200)
     ap.add_argument("--no-ptychi", action="store_true")
     ap.add_argument("--reuse-ptychi", action="store_true",
@@ -359,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     model, _ = load_model_bundle(args.bundle)
     passes = tuple(int(k) for k in args.passes.split(","))
+    pipeline = {k: v for k, v in (("phase_gain", args.phase_gain),
+                                  ("variance_reduction", None if args.variance_reduction is None
+                                   else args.variance_reduction == "true")) if v is not None}
     results = []
     for spec in scans:
         if spec.N != model.cfg.N:
@@ -369,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
             make_scan(spec, path)
         print(f"{spec.name}: {path}", flush=True)
         res = evaluate_scan(model, spec, path, passes, None if args.no_ptychi else args.ptychi_epochs, args.out,
-                            args.reuse_ptychi, phase_sync=args.phase_sync, phase_gain=args.phase_gain)
+                            args.reuse_ptychi, phase_sync=args.phase_sync, pipeline=pipeline)
         plot(res, args.out / f"{spec.name}.png")
         results.append(res)
         (args.out / "suite.json").write_text(json.dumps({"bundle": str(args.bundle), "results": results}, indent=2))

@@ -321,7 +321,7 @@ MAX_PHASE_GAIN = 16.0
 #: The refinement settings of :class:`InferenceConfig` the CLI flags, the pyfunc params and the MLproject
 #: ``reconstruct`` parameters carry under the same names.
 REFINEMENT_FIELDS = ("refine_probe", "refine_positions", "refine_intensity", "probe_modes", "probe_support_px",
-                     "refine_auto", "phase_gain")
+                     "refine_auto", "phase_gain", "variance_reduction")
 
 
 @dataclass(frozen=True)
@@ -343,9 +343,13 @@ class InferenceConfig(ConfigBase):
     # With no switch above on: refine the probe and/or the positions only where the fit says the scan
     # needs it (ptycho_ml.physics.refine.refine_auto); off = the object alone, as before.
     refine_auto: bool = True
-    # Extra gain of the object steps' wide phase (ptycho_ml.physics.refine.wide_phase; 0 = none, 4 measured):
-    # helps at high dose, hurts at low dose (docs/benchmarks.md, "Wide phase").
-    phase_gain: float = 0.0
+    # Extra gain of the object steps' wide phase (ptycho_ml.physics.refine.wide_phase; 0 = none, 4 measured);
+    # with variance_reduction on, only the variance-reduced steps take it (docs/benchmarks.md, "Wide phase").
+    phase_gain: float = 4.0
+    # Once the data are explained to their noise, variance-reduced object steps (SAGA) with momentum 0.7
+    # (ptycho_ml.physics.refine.refine_joint): low-dose scans no longer keep the mini-batches' noise
+    # (docs/benchmarks.md, "Variance-reduced passes").
+    variance_reduction: bool = True
 
     @property
     def explicit_refinement(self) -> bool:

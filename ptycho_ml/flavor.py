@@ -13,7 +13,8 @@ frame flattened (MLflow reshapes it by the signature). Params: ``output``
 ``obj_height``/``obj_width`` (default: just big enough for the positions),
 ``refine_probe``, ``refine_positions``, ``refine_intensity`` (default false),
 ``probe_modes`` (default 1), ``probe_support_px`` (default 0),
-``refine_auto`` (default true) and ``phase_gain`` (default 0), as ``ptycho-ml reconstruct``'s flags.
+``refine_auto`` (default true), ``phase_gain`` (default 4) and ``variance_reduction`` (default true),
+as ``ptycho-ml reconstruct``'s flags.
 Output: ``{"amplitude", "phase"}`` arrays of the stitched object ``(H, W)``
 or of the patches ``(B, N, N)``, beside them the strings that name the model
 (``bundle_sha256``, and ``run_id`` when its ``MLmodel`` records one;
@@ -86,7 +87,7 @@ def model_signature(N: int) -> ModelSignature:
                           ParamSpec("refine_probe", "boolean", False), ParamSpec("refine_positions", "boolean", False),
                           ParamSpec("refine_intensity", "boolean", False), ParamSpec("probe_modes", "long", 1),
                           ParamSpec("probe_support_px", "double", 0.0), ParamSpec("refine_auto", "boolean", True),
-                          ParamSpec("phase_gain", "double", 0.0)])
+                          ParamSpec("phase_gain", "double", 4.0), ParamSpec("variance_reduction", "boolean", True)])
     return ModelSignature(inputs=inputs, params=params)
 
 

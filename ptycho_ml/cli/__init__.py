@@ -259,7 +259,8 @@ def _load_model(bundle, model_uri, name, stage, alias, model_version):
 
 def _refinement_options(f):
     """``--refine-probe``, ``--refine-positions``, ``--refine-intensity`` (alone = on; or ``true``/``false``, as
-    MLflow passes a parameter), ``--probe-modes``, ``--probe-support-px``, ``--refine-auto`` and ``--phase-gain``: the
+    MLflow passes a parameter), ``--probe-modes``, ``--probe-support-px``, ``--refine-auto``, ``--phase-gain`` and
+    ``--variance-reduction``: the
     :data:`~ptycho_ml.config.REFINEMENT_FIELDS` of :class:`~ptycho_ml.config.InferenceConfig`, which a command
     receives as ``**refinement``."""
     for opt in reversed([
@@ -278,8 +279,11 @@ def _refinement_options(f):
                      help="With no switch above: refine the probe and/or positions too where the data are not "
                           "explained by the object alone (default true; false = the object only)."),
         click.option("--phase-gain", default=None, type=float,
-                     help="Extra gain of the refinement's phase wider than the probe (default 0 = none; 4 "
-                          "measured: better at high dose, worse at 1e4 photons per pattern, docs/benchmarks.md)."),
+                     help="Extra gain of the refinement's phase wider than the probe (default 4, on the "
+                          "variance-reduced passes; 0 = none; docs/benchmarks.md)."),
+        click.option("--variance-reduction", type=click.BOOL, is_flag=False, flag_value=True, default=None,
+                     help="Once the data are explained to their noise, variance-reduced refinement passes "
+                          "(default true; false = plain mini-batch passes throughout, every one taking the gain)."),
     ]):
         f = opt(f)
     return f

@@ -35,12 +35,31 @@ ILLUMINATION_FLOOR = 0.05
 
 #: A measured choice of ``phase_gain``, the extra gain of the object step's phase at scales wider than the
 #: probe: the data constrain a smooth phase only through its slope, so its curvature falls as k² and plain
-#: steps leave it for last. Off by default: it helps at 1e6 photons per pattern and hurts at 1e4
-#: (docs/benchmarks.md, "Wide phase"), and the scan's own NLL did not tell the two apart.
+#: steps leave it for last. On plain mini-batch steps it helps at 1e6 photons per pattern and hurts at 1e4
+#: (it fits the mini-batches' noise sooner). The default pipeline gives it to the variance-reduced steps only:
+#: there it restores the wide phase their lower momentum converges more slowly at 1e5-1e7, and costs
+#: 0.01-0.04 phase SSIM at 1e4 (docs/benchmarks.md, "Wide phase", "Variance-reduced passes").
 PHASE_GAIN = 4.0
 
 #: The gain's width: phase structure wider than about this Gaussian σ, as a fraction of the probe's N.
 PHASE_GAIN_SIGMA_FRACTION = 0.25
+
+#: ``variance_reduction``: the object steps become variance-reduced once the data are explained to their noise
+#: (:func:`deviance_ratio` at most this; 1 = the misfit Poisson noise alone would leave).
+VARIANCE_REDUCTION_RATIO = 1.0
+
+#: The momentum of the variance-reduced steps: each corrects its mini-batch gradient by one stored a pass ago,
+#: and at 0.9 that staleness made them diverge (measured, siemens-1e4 phase after 30 passes: 0.72 at 0.9,
+#: 0.86 at 0.7).
+VARIANCE_REDUCED_MOMENTUM = 0.7
+
+#: Memory the stored mini-batch gradients may take (one object-sized array per mini-batch); above it the
+#: refinement stays plain.
+VARIANCE_REDUCTION_MAX_BYTES = 1 << 30
+
+#: Patterns :func:`refine_joint` judges the fit on while it waits to reduce the variance: a sample, so the
+#: check costs about one mini-batch's forward pass.
+VARIANCE_REDUCTION_SAMPLE = 128
 
 
 @dataclass
@@ -57,6 +76,7 @@ class JointRefineResult(RefineResult):
     probe: torch.Tensor | None = None
     positions_px: np.ndarray | None = None
     intensity_scale: np.ndarray | None = None
+    variance_reduced_from: int | None = None  # the first variance-reduced pass (None: none was)
 
 
 def refine_object(obj: torch.Tensor, scan: ScanData, probe: torch.Tensor, steps: int, *,
@@ -191,6 +211,7 @@ def refine_joint(obj: torch.Tensor, scan: ScanData, probe: torch.Tensor, steps: 
                  regularisation: float = ILLUMINATION_FLOOR, eps_counts: float = 0.5, seed: int = 0,
                  amplitudes: torch.Tensor | None = None, object_ramp_gauge: bool = True,
                  start_positions_px: np.ndarray | None = None, phase_gain: float = 0.0,
+                 variance_reduction: bool = False,
                  on_step: Callable[[int, float], None] | None = None) -> JointRefineResult:
     """Refine the object and, as asked, the probe, the positions and a per-pattern intensity scale.
 
@@ -223,11 +244,30 @@ def refine_joint(obj: torch.Tensor, scan: ScanData, probe: torch.Tensor, steps: 
     ``start_positions_px (M, 2)`` continues from positions an earlier call
     corrected (the bound and the gauge stay relative to the scan's own).
 
+    ``variance_reduction``: once the data are explained to their noise
+    (:func:`deviance_ratio` of a sample of patterns at most
+    :data:`VARIANCE_REDUCTION_RATIO`, checked before each pass), each
+    mini-batch gradient is corrected by the one the same mini-batch gave a
+    pass ago plus its share (the batch's illumination over the scan's) of the
+    sum of all the stored ones (SAGA): the mini-batches no longer pull the
+    object towards their own noise, which, at low dose, plain mini-batch steps
+    with momentum leave in the wide phase. The momentum is then
+    :data:`VARIANCE_REDUCED_MOMENTUM`, and the mini-batches a fixed partition
+    of the scan (visited in a new order each pass; their gradients are first
+    taken at the switch, one pass's cost). Until then the refinement is the
+    plain one, bit for bit. Only the object alone
+    (nothing else refined), photon counts (:func:`counts_like`) and at most
+    :data:`VARIANCE_REDUCTION_MAX_BYTES` of stored gradients; otherwise the
+    plain steps throughout. ``variance_reduced_from`` in the result says
+    from which pass.
+
     ``phase_gain`` (0 = none; :data:`PHASE_GAIN`) adds that multiple of the
     object step's phase, low-passed to scales wider than the probe
     (:func:`wide_phase`), to the step: wide phase converges in a few passes
-    instead of dozens, and so does the noise the data hold at those scales
-    (at low dose the result is worse: off by default).
+    instead of dozens. With ``variance_reduction`` asked, only the
+    variance-reduced steps take it (on noisy plain steps it fits the noise
+    the mini-batches hold at those scales sooner: worse at low dose); without,
+    every object step.
 
     With nothing else refined this is the object refinement alone (the same
     arithmetic as before the joint refinement existed).
@@ -256,6 +296,12 @@ def refine_joint(obj: torch.Tensor, scan: ScanData, probe: torch.Tensor, steps: 
     velocity = torch.zeros_like(obj)
     history: list[float] = []
     joint = refine_probe or refine_positions or refine_intensity
+    n_batches = -(-M // batch_size)
+    reduce = (variance_reduction and not joint and n_batches > 1
+              and n_batches * obj.numel() * obj.element_size() <= VARIANCE_REDUCTION_MAX_BYTES and counts_like(scan))
+    reduced_from = None
+    if reduce:  # what judges the fit
+        sample = np.linspace(0, M - 1, min(M, VARIANCE_REDUCTION_SAMPLE)).astype(np.int64)
     probe_start = max(1, steps // 10) if probe_start is None else probe_start
     positions_start = max(1, steps // 3) if positions_start is None else positions_start
     bound_px = N / 8 if max_position_correction_px is None else max_position_correction_px
@@ -277,8 +323,27 @@ def refine_joint(obj: torch.Tensor, scan: ScanData, probe: torch.Tensor, steps: 
         scale_on = refine_intensity and step >= probe_start
         if probe_on and start_obj is None:
             start_obj = obj.clone()
-        for batch in torch.randperm(M, generator=generator).split(batch_size):
-            batch = batch.sort().values  # increasing indices: cheap reads from HDF5/NPZ
+        if reduce and reduced_from is None and step > 0 and deviance_ratio(
+                obj, scan, probe, start_positions, amplitudes=amplitudes, patterns=sample, seed=seed) <= VARIANCE_REDUCTION_RATIO:
+            reduced_from, momentum = step, VARIANCE_REDUCED_MOMENTUM
+            # From now on a fixed partition (each batch's stored gradient is its own; before, the batches
+            # are drawn anew each pass, which converged better at high dose), its gradients taken here.
+            partition = [b.sort().values for b in torch.randperm(M, generator=generator).split(batch_size)]
+            stored = torch.empty((n_batches, *obj.shape), dtype=obj.dtype)
+            for i, b in enumerate(partition):
+                amp = amplitudes[b] if amplitudes is not None else torch.from_numpy(scan.amplitude(b.numpy()))
+                stored[i] = object_gradient(obj, probe, positions[b], amp, good, eps_counts, batch_size=len(b))[0]
+            stored_sum = stored.sum(0)
+            share_of = coverage(positions, intensity, obj.shape)
+            share_of = share_of.clamp(min=1e-12 * float(share_of.max()))
+        reduced = reduced_from is not None
+        gain = phase_gain if reduced or not variance_reduction else 0.0
+        if reduced:
+            order = torch.randperm(n_batches, generator=generator).tolist()
+            batches = [(i, partition[i]) for i in order]
+        else:
+            batches = [(None, b.sort().values) for b in torch.randperm(M, generator=generator).split(batch_size)]
+        for index, batch in batches:  # increasing indices in each batch: cheap reads from HDF5/NPZ
             amp = amplitudes[batch] if amplitudes is not None else torch.from_numpy(scan.amplitude(batch.numpy()))
             lookahead = (obj + momentum * velocity).requires_grad_(True)
             if not joint:
@@ -286,6 +351,12 @@ def refine_joint(obj: torch.Tensor, scan: ScanData, probe: torch.Tensor, steps: 
                 loss = poisson_nll(pred, amp, good, eps_counts, reduction="sum")
                 (grad,) = torch.autograd.grad(loss, lookahead)
                 illumination = physics.insert_patches(intensity.expand(len(batch), N, N), positions[batch], obj.shape)
+                if reduced:
+                    change = grad - stored[index]
+                    # SAGA: this batch's change since a pass ago, plus its share of the whole scan's
+                    grad = change + stored_sum * (illumination / share_of)
+                    stored_sum += change
+                    stored[index] += change
             else:
                 grad, loss, illumination = _joint_batch(
                     lookahead, obj, probe, start_probe, positions, batch, amp, good, eps_counts, scale, probe_on, positions_on,
@@ -297,8 +368,8 @@ def refine_joint(obj: torch.Tensor, scan: ScanData, probe: torch.Tensor, steps: 
             # torch's complex gradient is 2 dL/d(conj z), and the Poisson gradient is about twice
             # the amplitude-loss one near the solution, hence /4.
             step_obj = -rate * grad / (4 * (illumination + regularisation * illumination.max()))
-            if phase_gain:
-                step_obj = step_obj + phase_gain * wide_phase(step_obj, lookahead.detach(), wide)
+            if gain:
+                step_obj = step_obj + gain * wide_phase(step_obj, lookahead.detach(), wide)
             velocity = momentum * velocity + step_obj
             obj = (obj + velocity).detach()
             total += float(loss.detach())
@@ -324,7 +395,7 @@ def refine_joint(obj: torch.Tensor, scan: ScanData, probe: torch.Tensor, steps: 
             on_step(step, history[-1])
     final_probe = probe if probe.ndim == 3 else probe[None]
     final_positions = positions.double().numpy() if refine_positions else start_positions.copy()  # untouched: exact
-    return JointRefineResult(obj, history, final_probe, final_positions, scale.numpy())
+    return JointRefineResult(obj, history, final_probe, final_positions, scale.numpy(), reduced_from)
 
 
 def wide_phase_filter(shape: tuple[int, int], sigma_px: float) -> torch.Tensor:
@@ -443,6 +514,11 @@ FIT_RATIO_LIMIT = 1.5
 #: the positions' (probe errors: 0.02-1.06x; the unconverged exact scan 60x).
 CLEAR_WIN = 0.5
 
+#: When neither the probe nor the positions explain a misfit, :func:`refine_auto` refines the object alone
+#: again, in one schedule this many times longer (a scan still converging). Measured on chip-gaussian-1e7
+#: (the fit 9.6 after 30 passes): 60 passes 3.2, 90 passes 1.5 (docs/benchmarks.md, "Variance-reduced passes").
+AUTO_LONGER_PASSES = 3
+
 #: Probe modes :func:`refine_auto` learns when it refines the probe: a second mode costs 1.5x the passes'
 #: time and gave the better object on every probe-error scan measured, a missing mode most of all.
 AUTO_PROBE_MODES = 2
@@ -457,7 +533,7 @@ def counts_like(scan: ScanData, sample: int = 32, tolerance: float = 0.05) -> bo
 
 
 def deviance_ratio(obj: torch.Tensor, scan: ScanData, probe: torch.Tensor, positions_px: np.ndarray | None = None,
-                   *, amplitudes: torch.Tensor | None = None,
+                   *, amplitudes: torch.Tensor | None = None, patterns: np.ndarray | None = None,
                    eps_counts: float = 0.5, batch_size: int = 256, seed: int = 0) -> float:
     """The scan's Poisson deviance under the model over the deviance expected were the model exact.
 
@@ -467,7 +543,8 @@ def deviance_ratio(obj: torch.Tensor, scan: ScanData, probe: torch.Tensor, posit
     model's own prediction: about 1 (a little less, as a fit takes up some
     noise) when the model explains the data to the noise, far above 1 when
     something it holds fixed (probe, positions) is wrong. Meaningful for
-    photon counts (:func:`counts_like`). Costs one forward pass over the scan.
+    photon counts (:func:`counts_like`). Costs one forward pass over the scan,
+    or over ``patterns`` (indices ``(P,)`` int64, increasing) when given.
     """
     obj = torch.as_tensor(obj).to(torch.complex64)
     probe = torch.as_tensor(probe).to(torch.complex64)
@@ -476,7 +553,8 @@ def deviance_ratio(obj: torch.Tensor, scan: ScanData, probe: torch.Tensor, posit
     generator = torch.Generator().manual_seed(seed)
     achieved = expected = 0.0
     with torch.no_grad():
-        for batch in torch.arange(len(positions)).split(batch_size):
+        indices = torch.arange(len(positions)) if patterns is None else torch.from_numpy(np.asarray(patterns, np.int64))
+        for batch in indices.split(batch_size):
             amp = amplitudes[batch] if amplitudes is not None else torch.from_numpy(scan.amplitude(batch.numpy()))
             pred = physics.forward_amplitude(obj, probe, positions[batch]).double()
             drawn = torch.poisson(pred.square(), generator=generator).sqrt()
@@ -493,16 +571,19 @@ class AutoRefineReport:
     fit_ratios: dict[str, float] = field(default_factory=dict)
     chosen: str = "object"
     skipped: str = ""
+    variance_reduced_from: int | None = None  # the object stage's first variance-reduced pass
+    object_passes: int = 0  # the passes of the object alone kept (more than asked when the scan still converged)
 
     def to_dict(self) -> dict:
         return {"fit_ratios": dict(self.fit_ratios), "chosen": self.chosen, "limit": FIT_RATIO_LIMIT,
+                "variance_reduced_from": self.variance_reduced_from, "object_passes": self.object_passes,
                 **({"skipped": self.skipped} if self.skipped else {})}
 
 
 def refine_auto(obj: torch.Tensor, scan: ScanData, probe: torch.Tensor, steps: int, *, probe_modes: int = AUTO_PROBE_MODES,
                 limit: float = FIT_RATIO_LIMIT, probe_support_px: float = 0.0, amplitudes: torch.Tensor | None = None,
-                seed: int = 0, phase_gain: float = 0.0, on_step: Callable[[int, float], None] | None = None
-                ) -> tuple[JointRefineResult, AutoRefineReport]:
+                seed: int = 0, phase_gain: float = 0.0, variance_reduction: bool = False,
+                on_step: Callable[[int, float], None] | None = None) -> tuple[JointRefineResult, AutoRefineReport]:
     """Refine the object; refine the probe or the positions too only if the data say the scan needs it.
 
     1. ``steps`` passes of the object alone (the fixed-probe refinement). If
@@ -515,8 +596,11 @@ def refine_auto(obj: torch.Tensor, scan: ScanData, probe: torch.Tensor, steps: i
        passes. If not, a trial of the probe (``probe_modes`` modes), restarting
        from ``obj`` (continuing, the object has already absorbed the probe's
        error: measured, phase SSIM 0.59 against 0.90), continues to ``steps``
-       passes unless it explains the data far worse than the positions' trial
-       (an exact scan still converging: more passes, not a new probe).
+       passes unless it explains the data far worse than the positions' trial.
+       If neither explains the misfit, the scan is still converging (an exact
+       scan, slow): the object alone is refined again from ``obj``, in one
+       schedule of :data:`AUTO_LONGER_PASSES` times ``steps`` passes, kept if
+       it explains the data better (``chosen`` stays ``object``).
     3. If the probe won and the data are still not explained, the positions
        are refined with it for ``steps // 2`` more passes, kept if they explain
        the data better.
@@ -524,13 +608,17 @@ def refine_auto(obj: torch.Tensor, scan: ScanData, probe: torch.Tensor, steps: i
     Scans whose diffraction is not photon counts (:func:`counts_like`) stop
     after step 1 (the ratio needs Poisson statistics). ``obj (H, W)`` is the
     start (the network's object); probe ``(N, N)``/``(K, N, N)``. ``phase_gain``
-    is :func:`refine_joint`'s, for every object step.
+    and ``variance_reduction`` are :func:`refine_joint`'s, for every stage (with
+    ``variance_reduction``, the stages that refine more than the object take
+    neither: they are never variance-reduced).
     Returns the kept result and an :class:`AutoRefineReport`.
     """
-    common = dict(amplitudes=amplitudes, seed=seed, on_step=on_step, phase_gain=phase_gain)
+    common = dict(amplitudes=amplitudes, seed=seed, on_step=on_step, phase_gain=phase_gain,
+                  variance_reduction=variance_reduction)
     probe_modes = min(probe_modes, len(scan))  # no more modes than patterns
     report = AutoRefineReport()
     fixed = refine_joint(obj, scan, probe, steps, **common)
+    report.variance_reduced_from, report.object_passes = fixed.variance_reduced_from, len(fixed.loss_history)
     if steps <= 0:
         return fixed, report
     if not counts_like(scan):
@@ -547,13 +635,20 @@ def refine_auto(obj: torch.Tensor, scan: ScanData, probe: torch.Tensor, steps: i
     probe_settings = dict(refine_probe=True, probe_support_px=probe_support_px)
     positions_trial = refine_joint(fixed.obj, scan, probe, trial, refine_positions=True, positions_start=0, **common)
     report.fit_ratios["positions (trial)"] = r_positions = ratio(positions_trial)
-    chosen = "positions"
-    if r_positions > CLEAR_WIN * report.fit_ratios["object"]:  # the positions do not explain the misfit: try the probe
+    chosen = "positions" if r_positions <= CLEAR_WIN * report.fit_ratios["object"] else ""
+    if not chosen:  # the positions do not explain the misfit: try the probe
         probe_trial = refine_joint(obj, scan, probe, trial, probe_modes=probe_modes, **probe_settings, **common)
         report.fit_ratios["probe (trial)"] = r_probe = ratio(probe_trial)
         # A restart is judged leniently: after a few passes it is behind the continued object on convergence.
         if r_probe <= r_positions / CLEAR_WIN:
             chosen = "probe"
+    if not chosen:  # neither: the object alone is still converging, so one longer schedule of it
+        longer = refine_joint(obj, scan, probe, AUTO_LONGER_PASSES * steps, **common)
+        report.fit_ratios["object (longer)"] = ratio(longer)
+        if report.fit_ratios["object (longer)"] >= report.fit_ratios["object"]:
+            return fixed, report
+        report.variance_reduced_from, report.object_passes = longer.variance_reduced_from, len(longer.loss_history)
+        return longer, report
     if chosen == "positions":
         best = refine_joint(positions_trial.obj, scan, probe, steps - trial, refine_positions=True, positions_start=0,
                             start_positions_px=positions_trial.positions_px, **common)
