@@ -570,13 +570,15 @@ def test_variance_reduction_only_where_it_applies():
     counts = scan.amplitude(np.arange(len(scan))).astype(np.float64) ** 2
     scaled = ScanData(np.sqrt(2.5 * counts + 0.3).astype(np.float32), scan.probe, scan.positions_px,
                       scan.obj_shape, scan.obj, source="<not counts>")
-    assert refine_joint(flat, scaled, probe * 2.5**0.5, 10, batch_size=64,
-                        variance_reduction=True).variance_reduced_from is None
+    not_counts = refine_joint(flat, scaled, probe * 2.5**0.5, 10, batch_size=64, variance_reduction=True)
+    assert not_counts.variance_reduced_from is None
+    assert torch.equal(not_counts.obj, refine_joint(flat, scaled, probe * 2.5**0.5, 10, batch_size=64).obj)
     # one mini-batch: its gradient is the whole scan's already
     assert refine_joint(flat, scan, probe, 10, variance_reduction=True, batch_size=len(scan)).variance_reduced_from is None
     # the automatic refinement reports where its object stage began them
     _, report = refine_auto(flat, scan, probe, 10, variance_reduction=True)
-    assert report.to_dict()["variance_reduced_from"] == report.variance_reduced_from is not None
+    assert report.variance_reduced_from is not None
+    assert report.to_dict()["variance_reduced_from"] == report.variance_reduced_from
 
 
 def test_deviance_ratio_on_a_sample_of_patterns_is_the_ratio_of_those_patterns():

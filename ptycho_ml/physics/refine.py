@@ -579,6 +579,11 @@ class AutoRefineReport:
                 "variance_reduced_from": self.variance_reduced_from, "object_passes": self.object_passes,
                 **({"skipped": self.skipped} if self.skipped else {})}
 
+    def object_stage(self, result: JointRefineResult) -> JointRefineResult:
+        """Record what the kept refinement of the object alone did (its switch, its passes); returns it."""
+        self.variance_reduced_from, self.object_passes = result.variance_reduced_from, len(result.loss_history)
+        return result
+
 
 def refine_auto(obj: torch.Tensor, scan: ScanData, probe: torch.Tensor, steps: int, *, probe_modes: int = AUTO_PROBE_MODES,
                 limit: float = FIT_RATIO_LIMIT, probe_support_px: float = 0.0, amplitudes: torch.Tensor | None = None,
@@ -617,8 +622,7 @@ def refine_auto(obj: torch.Tensor, scan: ScanData, probe: torch.Tensor, steps: i
                   variance_reduction=variance_reduction)
     probe_modes = min(probe_modes, len(scan))  # no more modes than patterns
     report = AutoRefineReport()
-    fixed = refine_joint(obj, scan, probe, steps, **common)
-    report.variance_reduced_from, report.object_passes = fixed.variance_reduced_from, len(fixed.loss_history)
+    fixed = report.object_stage(refine_joint(obj, scan, probe, steps, **common))
     if steps <= 0:
         return fixed, report
     if not counts_like(scan):
@@ -647,8 +651,7 @@ def refine_auto(obj: torch.Tensor, scan: ScanData, probe: torch.Tensor, steps: i
         report.fit_ratios["object (longer)"] = ratio(longer)
         if report.fit_ratios["object (longer)"] >= report.fit_ratios["object"]:
             return fixed, report
-        report.variance_reduced_from, report.object_passes = longer.variance_reduced_from, len(longer.loss_history)
-        return longer, report
+        return report.object_stage(longer), report
     if chosen == "positions":
         best = refine_joint(positions_trial.obj, scan, probe, steps - trial, refine_positions=True, positions_start=0,
                             start_positions_px=positions_trial.positions_px, **common)
