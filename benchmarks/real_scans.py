@@ -69,6 +69,7 @@ SCANS: dict[str, ScanErrorConfig] = {
 METHODS: dict[str, dict] = {
     "object only": {"refine_auto": False},
     "default": {},
+    "plain steps": {"misfit_step_gain": 1.0},  # the default without its larger steps far from the fit (the ablation)
     "+probe": {"refine_probe": True},
     "+probe 2 modes": {"refine_probe": True, "probe_modes": 2},
     "+positions": {"refine_positions": True},

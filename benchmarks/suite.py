@@ -219,25 +219,28 @@ def make_scan(spec: SuiteScan, path: Path) -> Path:
 
 def evaluate_scan(model, spec: SuiteScan, path: Path, passes: tuple[int, ...], ptychi_epochs: int | None,
                   workdir: Path, reuse_ptychi: bool = False, phase_sync: bool = False,
-                  pipeline: dict | None = None) -> dict:
+                  pipeline: dict | None = None, curves_misfit_step_gain: float = 1.0) -> dict:
     """Network alone, network + K, flat + K and (optionally) pty-chi on one scan; one thread, one after the other.
 
-    The K-pass curves are the plain object refinement; ``pipeline`` (InferenceConfig fields, e.g.
-    ``phase_gain``) changes the default pipeline's settings only."""
+    The K-pass curves are the plain object refinement (with ``curves_misfit_step_gain``, its larger steps
+    while the misfit is far above the noise, for network and flat start alike); ``pipeline``
+    (InferenceConfig fields, e.g. ``phase_gain``) changes the default pipeline's settings only."""
     scan = load_scan(path)
     probe = inference_probe(model, scan)
     t0 = time.perf_counter()
     start, _ = network_object(model, scan, probe=probe, phase_sync=phase_sync)
     network_s = time.perf_counter() - t0
     result = {"scan": asdict(spec), "n_patterns": len(scan), "network_s": network_s,
-              "network": refine_curve(scan, probe, start, network_s, passes),
-              "flat": refine_curve(scan, probe, torch.ones(scan.obj_shape, dtype=torch.complex64), 0.0, passes)}
+              "network": refine_curve(scan, probe, start, network_s, passes, misfit_step_gain=curves_misfit_step_gain),
+              "flat": refine_curve(scan, probe, torch.ones(scan.obj_shape, dtype=torch.complex64), 0.0, passes,
+                                   misfit_step_gain=curves_misfit_step_gain)}
     if model.refiner is not None:  # the generator without the model's learned stages, for the ablation
         t0 = time.perf_counter()
         generator_start, _ = network_object(model, scan, probe=probe, phase_sync=phase_sync, learned_refinement=False)
         generator_s = time.perf_counter() - t0
         result["generator"] = refine_curve(scan, probe, generator_start, generator_s,
-                                           tuple(k for k in passes if k in (0, 8, 30)) or (0,))
+                                           tuple(k for k in passes if k in (0, 8, 30)) or (0,),
+                                           misfit_step_gain=curves_misfit_step_gain)
     # The shipped pipeline as `ptycho-ml reconstruct` runs it: network + 30 passes with the automatic
     # choice of what else to refine (refine_auto), timed as a whole.
     t0 = time.perf_counter()
@@ -337,6 +340,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="the default pipeline's --phase-gain (default: the shipped default)")
     ap.add_argument("--variance-reduction", choices=("true", "false"), default=None,
                     help="the default pipeline's --variance-reduction (default: the shipped default)")
+    ap.add_argument("--misfit-step-gain", type=float, default=None,
+                    help="the default pipeline's --misfit-step-gain (default: the shipped default)")
+    ap.add_argument("--curves-misfit-step-gain", type=float, default=1.0,
+                    help="the K-pass curves' misfit step gain, network and flat start alike (default 1: plain passes)")
     ap.add_argument("--ptychi-epochs", type=int, default=200)
     ap.add_argument("--no-ptychi", action="store_true")
     ap.add_argument("--reuse-ptychi", action="store_true",
@@ -365,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     passes = tuple(int(k) for k in args.passes.split(","))
     pipeline = {k: v for k, v in (("phase_gain", args.phase_gain),
                                   ("variance_reduction", None if args.variance_reduction is None
-                                   else args.variance_reduction == "true")) if v is not None}
+                                   else args.variance_reduction == "true"),
+                                  ("misfit_step_gain", args.misfit_step_gain)) if v is not None}
     results = []
     for spec in scans:
         if spec.N != model.cfg.N:
@@ -376,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
             make_scan(spec, path)
         print(f"{spec.name}: {path}", flush=True)
         res = evaluate_scan(model, spec, path, passes, None if args.no_ptychi else args.ptychi_epochs, args.out,
-                            args.reuse_ptychi, phase_sync=args.phase_sync, pipeline=pipeline)
+                            args.reuse_ptychi, phase_sync=args.phase_sync, pipeline=pipeline,
+                            curves_misfit_step_gain=args.curves_misfit_step_gain)
         plot(res, args.out / f"{spec.name}.png")
         results.append(res)
         (args.out / "suite.json").write_text(json.dumps({"bundle": str(args.bundle), "results": results}, indent=2))

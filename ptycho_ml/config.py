@@ -318,10 +318,14 @@ class TrainingConfig(ConfigBase):
 #: on the six suite scans measured (docs/benchmarks.md, "Wide phase").
 MAX_PHASE_GAIN = 16.0
 
+#: A sanity bound on ``misfit_step_gain``, not a tuned value: larger steps than this are past where a Newton-like
+#: step overshoots even noise-free data.
+MAX_MISFIT_STEP_GAIN = 8.0
+
 #: The refinement settings of :class:`InferenceConfig` the CLI flags, the pyfunc params and the MLproject
 #: ``reconstruct`` parameters carry under the same names.
 REFINEMENT_FIELDS = ("refine_probe", "refine_positions", "refine_intensity", "probe_modes", "probe_support_px",
-                     "refine_auto", "phase_gain", "variance_reduction")
+                     "refine_auto", "phase_gain", "variance_reduction", "misfit_step_gain")
 
 
 @dataclass(frozen=True)
@@ -350,6 +354,10 @@ class InferenceConfig(ConfigBase):
     # (ptycho_ml.physics.refine.refine_joint): low-dose scans no longer keep the mini-batches' noise
     # (docs/benchmarks.md, "Variance-reduced passes").
     variance_reduction: bool = True
+    # Object steps this many times larger while the data are misfit far above their noise (deviance ratio
+    # above 2; ptycho_ml.physics.refine.refine_joint; 1 = none, 3 measured): a scan far from its fit, e.g. at
+    # high dose, converges in fewer passes (docs/benchmarks.md, "Larger steps while the misfit is far above the noise").
+    misfit_step_gain: float = 3.0
 
     @property
     def explicit_refinement(self) -> bool:
@@ -372,6 +380,9 @@ class InferenceConfig(ConfigBase):
         if not 0 <= self.phase_gain <= MAX_PHASE_GAIN:
             raise PtychoInputError(f"config: {name}.phase_gain: found {self.phase_gain}, expected 0..{MAX_PHASE_GAIN:g} "
                                    "(0 = none; 4 measured, docs/benchmarks.md)")
+        if not 1 <= self.misfit_step_gain <= MAX_MISFIT_STEP_GAIN:
+            raise PtychoInputError(f"config: {name}.misfit_step_gain: found {self.misfit_step_gain}, expected "
+                                   f"1..{MAX_MISFIT_STEP_GAIN:g} (1 = none; 3 measured, docs/benchmarks.md)")
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ frame flattened (MLflow reshapes it by the signature). Params: ``output``
 ``obj_height``/``obj_width`` (default: just big enough for the positions),
 ``refine_probe``, ``refine_positions``, ``refine_intensity`` (default false),
 ``probe_modes`` (default 1), ``probe_support_px`` (default 0),
-``refine_auto`` (default true), ``phase_gain`` (default 4) and ``variance_reduction`` (default true),
+``refine_auto`` (default true), ``phase_gain`` (default 4), ``variance_reduction`` (default true) and
+``misfit_step_gain`` (default 3),
 as ``ptycho-ml reconstruct``'s flags.
 Output: ``{"amplitude", "phase"}`` arrays of the stitched object ``(H, W)``
 or of the patches ``(B, N, N)``, beside them the strings that name the model
@@ -87,7 +88,8 @@ def model_signature(N: int) -> ModelSignature:
                           ParamSpec("refine_probe", "boolean", False), ParamSpec("refine_positions", "boolean", False),
                           ParamSpec("refine_intensity", "boolean", False), ParamSpec("probe_modes", "long", 1),
                           ParamSpec("probe_support_px", "double", 0.0), ParamSpec("refine_auto", "boolean", True),
-                          ParamSpec("phase_gain", "double", 4.0), ParamSpec("variance_reduction", "boolean", True)])
+                          ParamSpec("phase_gain", "double", 4.0), ParamSpec("variance_reduction", "boolean", True),
+                          ParamSpec("misfit_step_gain", "double", 3.0)])
     return ModelSignature(inputs=inputs, params=params)
 
 

@@ -259,8 +259,8 @@ def _load_model(bundle, model_uri, name, stage, alias, model_version):
 
 def _refinement_options(f):
     """``--refine-probe``, ``--refine-positions``, ``--refine-intensity`` (alone = on; or ``true``/``false``, as
-    MLflow passes a parameter), ``--probe-modes``, ``--probe-support-px``, ``--refine-auto``, ``--phase-gain`` and
-    ``--variance-reduction``: the
+    MLflow passes a parameter), ``--probe-modes``, ``--probe-support-px``, ``--refine-auto``, ``--phase-gain``,
+    ``--variance-reduction`` and ``--misfit-step-gain``: the
     :data:`~ptycho_ml.config.REFINEMENT_FIELDS` of :class:`~ptycho_ml.config.InferenceConfig`, which a command
     receives as ``**refinement``."""
     for opt in reversed([
@@ -284,6 +284,9 @@ def _refinement_options(f):
         click.option("--variance-reduction", type=click.BOOL, is_flag=False, flag_value=True, default=None,
                      help="Once the data are explained to their noise, variance-reduced refinement passes "
                           "(default true; false = plain mini-batch passes throughout, every one taking the gain)."),
+        click.option("--misfit-step-gain", default=None, type=float,
+                     help="Object steps this many times larger while the data are misfit far above their noise "
+                          "(default 3; 1 = none; docs/benchmarks.md)."),
     ]):
         f = opt(f)
     return f

@@ -25,7 +25,7 @@ from ptycho_ml.inference import metrics as metrics_mod
 from ptycho_ml.inference.reconstruct import (ReconstructionResult, check_compatible, inference_probe, network_object,
                                              reconstruct, refinement_amplitudes)
 from ptycho_ml.model.network import DiffractionToObject
-from ptycho_ml.physics.refine import refine_object
+from ptycho_ml.physics.refine import refine_joint
 
 #: Passes of a flat-start refinement that define the reference a warm start must reach.
 FLAT_PASSES = 30
@@ -121,9 +121,12 @@ class WarmStart:
 
 
 def refine_curve(scan: ScanData, probe: torch.Tensor, start_obj: torch.Tensor, start_s: float,
-                 passes: tuple[int, ...], amplitudes: torch.Tensor | None = None) -> list[dict[str, float]]:
+                 passes: tuple[int, ...], amplitudes: torch.Tensor | None = None,
+                 misfit_step_gain: float = 1.0) -> list[dict[str, float]]:
     """Refine ``start_obj (H, W) complex64`` for each K in ``passes`` (each run on its own: the step
-    schedule depends on K) and score it against the scan's ground truth.
+    schedule depends on K) and score it against the scan's ground truth. The refinement is the plain object
+    refinement, or with ``misfit_step_gain`` (:func:`ptycho_ml.physics.refine.refine_joint`'s) its larger
+    steps while the misfit is far above the noise.
 
     Returns one row per K, in increasing order: ``{"passes", "amplitude_ssim", "phase_ssim",
     "amplitude_psnr", "phase_psnr", "amplitude_frc_px", "phase_frc_px", "seconds"}``; seconds include
@@ -134,7 +137,7 @@ def refine_curve(scan: ScanData, probe: torch.Tensor, start_obj: torch.Tensor, s
     rows = []
     for k in sorted(passes):
         t0 = time.perf_counter()
-        obj = refine_object(start_obj, scan, probe, k, amplitudes=amplitudes).obj
+        obj = refine_joint(start_obj, scan, probe, k, amplitudes=amplitudes, misfit_step_gain=misfit_step_gain).obj
         seconds = start_s + time.perf_counter() - t0
         m = metrics_mod.evaluate_object(obj.numpy(), scan.obj, scan.positions_px, scan.N, scan.probe)
         rows.append({"passes": float(k), **{key: float(m[key]) for key in (

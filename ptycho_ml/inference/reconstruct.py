@@ -279,6 +279,7 @@ def reconstruct(model: DiffractionToObject, scan: ScanData, cfg: InferenceConfig
                 refined, report = refine_auto(obj, scan, probe, cfg.refine_steps, probe_modes=AUTO_PROBE_MODES,
                                               probe_support_px=cfg.probe_support_px, amplitudes=amplitudes,
                                               phase_gain=cfg.phase_gain, variance_reduction=cfg.variance_reduction,
+                                              misfit_step_gain=cfg.misfit_step_gain,
                                               on_step=lambda i, loss: bar.update(1))
                 auto_report = report.to_dict()
                 what = tuple(report.chosen.split("+")) if report.chosen != "object" else ()
@@ -288,7 +289,7 @@ def reconstruct(model: DiffractionToObject, scan: ScanData, cfg: InferenceConfig
                                        refine_intensity=cfg.refine_intensity, probe_modes=cfg.probe_modes,
                                        probe_support_px=cfg.probe_support_px, phase_gain=cfg.phase_gain,
                                        variance_reduction=cfg.variance_reduction,
-                                       on_step=lambda i, loss: bar.update(1))
+                                       misfit_step_gain=cfg.misfit_step_gain, on_step=lambda i, loss: bar.update(1))
                 what = tuple(k for k, on in (("probe", cfg.refine_probe), ("positions", cfg.refine_positions),
                                              ("intensity", cfg.refine_intensity)) if on)
         obj, history = refined.obj, refined.loss_history

@@ -61,6 +61,24 @@ VARIANCE_REDUCTION_MAX_BYTES = 1 << 30
 #: check costs about one mini-batch's forward pass.
 VARIANCE_REDUCTION_SAMPLE = 128
 
+#: A measured choice of ``misfit_step_gain``: the object steps are this many times larger while the data are
+#: misfit far above their noise. Far from the fit, the mini-batch gradients agree and the noise that caps the
+#: step at low dose is not yet what limits it; the default step, set for the noise, then converges slowly
+#: (docs/benchmarks.md, "Larger steps while the misfit is far above the noise": chip-gaussian-1e7 after 30
+#: passes from the network's object, fit 9.6 at 1x, 2.2 at 2x and 3x; 3 was level or better than 2 on every
+#: suite scan).
+MISFIT_STEP_GAIN = 3.0
+
+#: The larger steps stop, for good, once the deviance ratio of the sample (:func:`deviance_ratio`) is at most
+#: this: from there on the noise is what the step must respect.
+MISFIT_STEP_RATIO = 2.0
+
+#: ... or once the fit no longer falls: below this fraction of what it was two passes before. A misfit the object
+#: cannot explain (a wrong probe or wrong positions) stays level from the start, and larger steps there only
+#: push the object further into that error (measured, "Real scans": the sample's fit 41-74 on every pass with
+#: 1 px position noise; a scan converging falls 5-50 % a pass).
+MISFIT_STEP_FALL = 0.9
+
 
 @dataclass
 class RefineResult:
@@ -211,7 +229,7 @@ def refine_joint(obj: torch.Tensor, scan: ScanData, probe: torch.Tensor, steps: 
                  regularisation: float = ILLUMINATION_FLOOR, eps_counts: float = 0.5, seed: int = 0,
                  amplitudes: torch.Tensor | None = None, object_ramp_gauge: bool = True,
                  start_positions_px: np.ndarray | None = None, phase_gain: float = 0.0,
-                 variance_reduction: bool = False,
+                 variance_reduction: bool = False, misfit_step_gain: float = 1.0,
                  on_step: Callable[[int, float], None] | None = None) -> JointRefineResult:
     """Refine the object and, as asked, the probe, the positions and a per-pattern intensity scale.
 
@@ -269,6 +287,17 @@ def refine_joint(obj: torch.Tensor, scan: ScanData, probe: torch.Tensor, steps: 
     the mini-batches hold at those scales sooner: worse at low dose); without,
     every object step.
 
+    ``misfit_step_gain`` (1 = none; :data:`MISFIT_STEP_GAIN`) multiplies the
+    object step from the third pass on while the data are misfit far above
+    their noise (the sample's deviance ratio, checked before each pass,
+    above :data:`MISFIT_STEP_RATIO`) and the fit still falls (below
+    :data:`MISFIT_STEP_FALL` of its value two passes before: a misfit the
+    object cannot explain, a wrong probe or wrong positions, stays level);
+    once either fails, the steps are the plain ones for the rest of the
+    refinement. Only the object alone and photon counts, as
+    ``variance_reduction``; a scan whose start is already near the noise
+    (low dose) never takes it.
+
     With nothing else refined this is the object refinement alone (the same
     arithmetic as before the joint refinement existed).
     """
@@ -300,7 +329,9 @@ def refine_joint(obj: torch.Tensor, scan: ScanData, probe: torch.Tensor, steps: 
     reduce = (variance_reduction and not joint and n_batches > 1
               and n_batches * obj.numel() * obj.element_size() <= VARIANCE_REDUCTION_MAX_BYTES and counts_like(scan))
     reduced_from = None
-    if reduce:  # what judges the fit
+    boosted = misfit_step_gain != 1.0 and not joint and counts_like(scan)
+    fits: list[float] = []  # the sample's fit before each pass, while a switch waits on it
+    if reduce or boosted:  # what judges the fit
         sample = np.linspace(0, M - 1, min(M, VARIANCE_REDUCTION_SAMPLE)).astype(np.int64)
     probe_start = max(1, steps // 10) if probe_start is None else probe_start
     positions_start = max(1, steps // 3) if positions_start is None else positions_start
@@ -317,14 +348,24 @@ def refine_joint(obj: torch.Tensor, scan: ScanData, probe: torch.Tensor, steps: 
         tail = max(1, steps // 4)
         decay = min(1.0, 0.2 + 0.8 * (steps - 1 - step) / tail)
         rate = step_size * decay
+        # The fit of the sample, while a switch waits on it (one forward pass of VARIANCE_REDUCTION_SAMPLE patterns).
+        fit = None
+        if boosted or (reduce and reduced_from is None and step > 0):
+            fit = deviance_ratio(obj, scan, probe, start_positions, amplitudes=amplitudes, patterns=sample, seed=seed)
+            fits.append(fit)
+            # The larger steps: from the third pass (the momentum builds up over the first two, so the fall is
+            # judged over two passes), while the fit is far above the noise and still falling; once not, never again.
+            if boosted and len(fits) >= 3:
+                boosted = MISFIT_STEP_RATIO < fit < MISFIT_STEP_FALL * fits[-3]
+        if boosted and len(fits) >= 3:
+            rate = rate * misfit_step_gain
         total = 0.0
         probe_on = refine_probe and step >= probe_start
         positions_on = refine_positions and step >= positions_start
         scale_on = refine_intensity and step >= probe_start
         if probe_on and start_obj is None:
             start_obj = obj.clone()
-        if reduce and reduced_from is None and step > 0 and deviance_ratio(
-                obj, scan, probe, start_positions, amplitudes=amplitudes, patterns=sample, seed=seed) <= VARIANCE_REDUCTION_RATIO:
+        if reduce and reduced_from is None and step > 0 and fit <= VARIANCE_REDUCTION_RATIO:
             reduced_from, momentum = step, VARIANCE_REDUCED_MOMENTUM
             # From now on a fixed partition (each batch's stored gradient is its own; before, the batches
             # are drawn anew each pass, which converged better at high dose), its gradients taken here.
@@ -508,16 +549,17 @@ def _joint_batch(lookahead, obj, probe, start_probe, positions, batch, amp, good
 #: a 20 % defocus error, a missing mode or 0.5 px position noise at 11–200 (docs/benchmarks.md, "Real scans").
 FIT_RATIO_LIMIT = 1.5
 
+#: At most this deviance ratio the data are explained to their noise and :func:`refine_auto`'s object stage is
+#: done. Between it and :data:`FIT_RATIO_LIMIT` the misfit is too small for a wrong probe or wrong positions
+#: but the object has not yet reached the noise: it continues (measured, text-gaussian-1e+06 after 30 passes
+#: with the larger steps: fit 1.15, and 0.xx / 0.xx against 0.827 / 0.908 for 30 more passes).
+CONVERGED_RATIO = 1.0
+
 #: :func:`refine_auto`'s trials: the positions explain a misfit when a short trial divides the deviance ratio
 #: by more than 1 / CLEAR_WIN (measured after ``steps // 5`` passes: position errors 5.8-8.3x; probe errors
 #: 1.1-1.3x, an unconverged exact scan 1.0x), and a probe trial wins unless 1 / CLEAR_WIN times worse than
 #: the positions' (probe errors: 0.02-1.06x; the unconverged exact scan 60x).
 CLEAR_WIN = 0.5
-
-#: When neither the probe nor the positions explain a misfit, :func:`refine_auto` refines the object alone
-#: again, in one schedule this many times longer (a scan still converging). Measured on chip-gaussian-1e7
-#: (the fit 9.6 after 30 passes): 60 passes 3.2, 90 passes 1.5 (docs/benchmarks.md, "Variance-reduced passes").
-AUTO_LONGER_PASSES = 3
 
 #: Probe modes :func:`refine_auto` learns when it refines the probe: a second mode costs 1.5x the passes'
 #: time and gave the better object on every probe-error scan measured, a missing mode most of all.
@@ -588,13 +630,17 @@ class AutoRefineReport:
 def refine_auto(obj: torch.Tensor, scan: ScanData, probe: torch.Tensor, steps: int, *, probe_modes: int = AUTO_PROBE_MODES,
                 limit: float = FIT_RATIO_LIMIT, probe_support_px: float = 0.0, amplitudes: torch.Tensor | None = None,
                 seed: int = 0, phase_gain: float = 0.0, variance_reduction: bool = False,
+                misfit_step_gain: float = 1.0,
                 on_step: Callable[[int, float], None] | None = None) -> tuple[JointRefineResult, AutoRefineReport]:
     """Refine the object; refine the probe or the positions too only if the data say the scan needs it.
 
     1. ``steps`` passes of the object alone (the fixed-probe refinement). If
-       the data are then explained (:func:`deviance_ratio` ≤ ``limit``), that
-       is the result: a scan with a right probe and right positions
-       reconstructs exactly as with the object refinement alone.
+       the data are then explained to their noise (:func:`deviance_ratio` ≤
+       :data:`CONVERGED_RATIO`), that is the result: a scan with a right probe
+       and right positions reconstructs exactly as with the object refinement
+       alone. If the ratio is above that but at most ``limit``, the misfit is
+       too small for a wrong probe or positions: the object alone continues
+       for ``steps`` more passes (as below), with no trial.
     2. Otherwise a trial of ``steps // 5`` passes refining the positions too,
        continuing from the refined object. If it explains most of the misfit
        (:data:`CLEAR_WIN`), the positions were wrong: it continues to ``steps``
@@ -603,23 +649,24 @@ def refine_auto(obj: torch.Tensor, scan: ScanData, probe: torch.Tensor, steps: i
        error: measured, phase SSIM 0.59 against 0.90), continues to ``steps``
        passes unless it explains the data far worse than the positions' trial.
        If neither explains the misfit, the scan is still converging (an exact
-       scan, slow): the object alone is refined again from ``obj``, in one
-       schedule of :data:`AUTO_LONGER_PASSES` times ``steps`` passes, kept if
-       it explains the data better (``chosen`` stays ``object``).
+       scan, slow): the refined object alone continues for ``steps`` more
+       passes (a schedule of its own), kept if it explains the data better
+       (``chosen`` stays ``object``).
     3. If the probe won and the data are still not explained, the positions
        are refined with it for ``steps // 2`` more passes, kept if they explain
        the data better.
 
     Scans whose diffraction is not photon counts (:func:`counts_like`) stop
     after step 1 (the ratio needs Poisson statistics). ``obj (H, W)`` is the
-    start (the network's object); probe ``(N, N)``/``(K, N, N)``. ``phase_gain``
-    and ``variance_reduction`` are :func:`refine_joint`'s, for every stage (with
-    ``variance_reduction``, the stages that refine more than the object take
-    neither: they are never variance-reduced).
+    start (the network's object); probe ``(N, N)``/``(K, N, N)``. ``phase_gain``,
+    ``variance_reduction`` and ``misfit_step_gain`` are :func:`refine_joint`'s,
+    for every stage (the stages that refine more than the object are never
+    variance-reduced nor take the larger steps, and with ``variance_reduction``
+    they take no ``phase_gain``).
     Returns the kept result and an :class:`AutoRefineReport`.
     """
     common = dict(amplitudes=amplitudes, seed=seed, on_step=on_step, phase_gain=phase_gain,
-                  variance_reduction=variance_reduction)
+                  variance_reduction=variance_reduction, misfit_step_gain=misfit_step_gain)
     probe_modes = min(probe_modes, len(scan))  # no more modes than patterns
     report = AutoRefineReport()
     fixed = report.object_stage(refine_joint(obj, scan, probe, steps, **common))
@@ -632,9 +679,22 @@ def refine_auto(obj: torch.Tensor, scan: ScanData, probe: torch.Tensor, steps: i
     def ratio(result: JointRefineResult) -> float:
         return deviance_ratio(result.obj, scan, result.probe, result.positions_px, amplitudes=amplitudes, seed=seed)
 
+    def continued() -> tuple[JointRefineResult, AutoRefineReport]:
+        """The object alone, still converging: ``steps`` more passes, kept if they explain the data better."""
+        more = refine_joint(fixed.obj, scan, probe, steps, **common)
+        report.fit_ratios["object (continued)"] = ratio(more)
+        if report.fit_ratios["object (continued)"] >= report.fit_ratios["object"]:
+            return fixed, report
+        more.loss_history[:0] = fixed.loss_history  # one history, and pass numbers, for the whole object stage
+        if more.variance_reduced_from is not None:
+            more.variance_reduced_from += steps
+        return report.object_stage(more), report
+
     report.fit_ratios["object"] = ratio(fixed)
-    if report.fit_ratios["object"] <= limit:
+    if report.fit_ratios["object"] <= min(limit, CONVERGED_RATIO):
         return fixed, report
+    if report.fit_ratios["object"] <= limit:
+        return continued()
     trial = max(2, steps // 5)
     probe_settings = dict(refine_probe=True, probe_support_px=probe_support_px)
     positions_trial = refine_joint(fixed.obj, scan, probe, trial, refine_positions=True, positions_start=0, **common)
@@ -646,12 +706,8 @@ def refine_auto(obj: torch.Tensor, scan: ScanData, probe: torch.Tensor, steps: i
         # A restart is judged leniently: after a few passes it is behind the continued object on convergence.
         if r_probe <= r_positions / CLEAR_WIN:
             chosen = "probe"
-    if not chosen:  # neither: the object alone is still converging, so one longer schedule of it
-        longer = refine_joint(obj, scan, probe, AUTO_LONGER_PASSES * steps, **common)
-        report.fit_ratios["object (longer)"] = ratio(longer)
-        if report.fit_ratios["object (longer)"] >= report.fit_ratios["object"]:
-            return fixed, report
-        return report.object_stage(longer), report
+    if not chosen:  # neither: the object alone is still converging
+        return continued()
     if chosen == "positions":
         best = refine_joint(positions_trial.obj, scan, probe, steps - trial, refine_positions=True, positions_start=0,
                             start_positions_px=positions_trial.positions_px, **common)
