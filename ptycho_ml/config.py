@@ -318,8 +318,8 @@ class TrainingConfig(ConfigBase):
 #: on the six suite scans measured (docs/benchmarks.md, "Wide phase").
 MAX_PHASE_GAIN = 16.0
 
-#: A sanity bound on ``misfit_step_gain``, not a tuned value: larger steps than this are past where a Newton-like
-#: step overshoots even noise-free data.
+#: A sanity bound on ``misfit_step_gain``, not a tuned value: at 8 the object step is 3.2 times the
+#: illumination-preconditioned (Newton-like) step, which overshoots even noise-free data.
 MAX_MISFIT_STEP_GAIN = 8.0
 
 #: The refinement settings of :class:`InferenceConfig` the CLI flags, the pyfunc params and the MLproject
@@ -355,8 +355,9 @@ class InferenceConfig(ConfigBase):
     # (docs/benchmarks.md, "Variance-reduced passes").
     variance_reduction: bool = True
     # Object steps this many times larger while the data are misfit far above their noise (deviance ratio
-    # above 2; ptycho_ml.physics.refine.refine_joint; 1 = none, 3 measured): a scan far from its fit, e.g. at
-    # high dose, converges in fewer passes (docs/benchmarks.md, "Larger steps while the misfit is far above the noise").
+    # above 2) and the fit still falls (ptycho_ml.physics.refine.refine_joint; 1 = none, 3 measured): a scan far
+    # from its fit, e.g. at high dose, converges in fewer passes (docs/benchmarks.md, "Larger steps while the
+    # misfit is far above the noise").
     misfit_step_gain: float = 3.0
 
     @property

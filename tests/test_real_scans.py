@@ -648,9 +648,14 @@ def test_larger_steps_only_where_the_misfit_says_so():
                        refine_joint(flat, scaled, probe * 2.5**0.5, 6).obj)
 
 
-def test_misfit_step_gain_is_validated_and_on_by_default():
+def test_misfit_step_gain_is_validated_and_on_by_default(bundle, tiny_npz, tmp_path):
     assert InferenceConfig().misfit_step_gain == MISFIT_STEP_GAIN and "misfit_step_gain" in REFINEMENT_FIELDS
-    with pytest.raises(PtychoInputError, match="misfit_step_gain: found 0.5"):
-        InferenceConfig(misfit_step_gain=0.5)
     with pytest.raises(PtychoInputError, match="misfit_step_gain: found 100"):
         InferenceConfig(misfit_step_gain=100.0)
+    out = tmp_path / "rec"
+    result = CliRunner().invoke(main, ["reconstruct", "--bundle", str(bundle), "--data", str(tiny_npz), "--out", str(out),
+                                       "--misfit-step-gain", "0.5", "--quiet"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "error: config: InferenceConfig.misfit_step_gain: found 0.5, expected 1..8 (1 = none; 3 measured, docs/benchmarks.md)"]
+    assert not out.exists()

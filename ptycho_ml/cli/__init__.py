@@ -286,7 +286,7 @@ def _refinement_options(f):
                           "(default true; false = plain mini-batch passes throughout, every one taking the gain)."),
         click.option("--misfit-step-gain", default=None, type=float,
                      help="Object steps this many times larger while the data are misfit far above their noise "
-                          "(default 3; 1 = none; docs/benchmarks.md)."),
+                          "and the fit still falls (default 3; 1 = none; docs/benchmarks.md)."),
     ]):
         f = opt(f)
     return f
