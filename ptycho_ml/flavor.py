@@ -79,17 +79,21 @@ def get_default_conda_env() -> dict:
     return _mlflow_conda_env(additional_pip_deps=get_default_pip_requirements())
 
 
+#: MLflow's param type of each Python type an :class:`~ptycho_ml.config.InferenceConfig` refinement field has.
+_PARAM_TYPES = {bool: "boolean", int: "long", float: "double"}
+
+
 def model_signature(N: int) -> ModelSignature:
-    """Tensor signature: diffraction ``(-1, N, N)`` and positions ``(-1, 2)`` float32, plus params."""
+    """Tensor signature: diffraction ``(-1, N, N)`` and positions ``(-1, 2)`` float32, plus params (the
+    refinement ones with :class:`~ptycho_ml.config.InferenceConfig`'s defaults, from the one place they are set)."""
+    from ptycho_ml.config import REFINEMENT_FIELDS, InferenceConfig
+
     inputs = Schema([TensorSpec(np.dtype(np.float32), (-1, N, N), "diffraction"),
                      TensorSpec(np.dtype(np.float32), (-1, 2), "positions")])
+    defaults = InferenceConfig()
+    refinement = [ParamSpec(k, _PARAM_TYPES[type(getattr(defaults, k))], getattr(defaults, k)) for k in REFINEMENT_FIELDS]
     params = ParamSchema([ParamSpec("output", "string", "object"), ParamSpec("refine_steps", "long", 0),
-                          ParamSpec("obj_height", "long", 0), ParamSpec("obj_width", "long", 0),
-                          ParamSpec("refine_probe", "boolean", False), ParamSpec("refine_positions", "boolean", False),
-                          ParamSpec("refine_intensity", "boolean", False), ParamSpec("probe_modes", "long", 1),
-                          ParamSpec("probe_support_px", "double", 0.0), ParamSpec("refine_auto", "boolean", True),
-                          ParamSpec("phase_gain", "double", 4.0), ParamSpec("variance_reduction", "boolean", True),
-                          ParamSpec("misfit_step_gain", "double", 3.0)])
+                          ParamSpec("obj_height", "long", 0), ParamSpec("obj_width", "long", 0), *refinement])
     return ModelSignature(inputs=inputs, params=params)
 
 

@@ -483,6 +483,14 @@ def test_every_refinement_setting_has_the_same_name_on_the_cli_the_pyfunc_and_th
     assert set(REFINEMENT_FIELDS) <= {p.name for p in model_signature(32).params.params}
     mlproject = yaml.safe_load((Path(__file__).resolve().parents[1] / "MLproject").read_text())
     assert set(REFINEMENT_FIELDS) <= set(mlproject["entry_points"]["reconstruct"]["parameters"])
+    # ... and the same defaults: the MLproject's are written out (MLflow passes them), the pyfunc's come from the config
+    defaults, parameters = InferenceConfig(), mlproject["entry_points"]["reconstruct"]["parameters"]
+    for k in REFINEMENT_FIELDS:
+        expected = str(getattr(defaults, k)).lower() if isinstance(getattr(defaults, k), bool) else float(getattr(defaults, k))
+        written = parameters[k]["default"]
+        assert (written if isinstance(expected, str) else float(written)) == expected, k
+    assert {p.name: p.default for p in model_signature(32).params.params if p.name in REFINEMENT_FIELDS} == \
+        {k: getattr(defaults, k) for k in REFINEMENT_FIELDS}
 
 
 # ----------------------------------------------------------------------------- wide phase

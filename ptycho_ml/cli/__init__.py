@@ -263,27 +263,27 @@ def _refinement_options(f):
     ``--variance-reduction`` and ``--misfit-step-gain``: the
     :data:`~ptycho_ml.config.REFINEMENT_FIELDS` of :class:`~ptycho_ml.config.InferenceConfig`, which a command
     receives as ``**refinement``."""
+    def switch(name: str, text: str):
+        """A boolean flag: alone it is on; ``true``/``false`` as MLflow passes a parameter; unset: the config's."""
+        return click.option(name, type=click.BOOL, is_flag=False, flag_value=True, default=None, help=text)
+
     for opt in reversed([
-        click.option("--refine-probe", type=click.BOOL, is_flag=False, flag_value=True, default=None,
-                     help="Refine the probe with the object (default off: measured, docs/benchmarks.md)."),
-        click.option("--refine-positions", type=click.BOOL, is_flag=False, flag_value=True, default=None,
-                     help="Correct the scan positions once the object has settled (bounded; default off)."),
-        click.option("--refine-intensity", type=click.BOOL, is_flag=False, flag_value=True, default=None,
-                     help="Fit a per-pattern intensity scale (flux fluctuations; default off)."),
+        switch("--refine-probe", "Refine the probe with the object (default off: measured, docs/benchmarks.md)."),
+        switch("--refine-positions", "Correct the scan positions once the object has settled (bounded; default off)."),
+        switch("--refine-intensity", "Fit a per-pattern intensity scale (flux fluctuations; default off)."),
         click.option("--probe-modes", default=None, type=int,
                      help="Incoherent probe modes to refine (with --refine-probe; default 1, at most 8; "
                           "a file probe with more keeps its strongest, power kept)."),
         click.option("--probe-support-px", default=None, type=float,
                      help="Radius (px) of a circular support the refined probe is kept inside (default 0 = none)."),
-        click.option("--refine-auto", type=click.BOOL, is_flag=False, flag_value=True, default=None,
-                     help="With no switch above: refine the probe and/or positions too where the data are not "
-                          "explained by the object alone (default true; false = the object only)."),
+        switch("--refine-auto", "With no switch above: refine the probe and/or positions too where the data are not "
+                                "explained by the object alone (default true; false = the object only)."),
         click.option("--phase-gain", default=None, type=float,
                      help="Extra gain of the refinement's phase wider than the probe (default 4, on the "
                           "variance-reduced passes; 0 = none; docs/benchmarks.md)."),
-        click.option("--variance-reduction", type=click.BOOL, is_flag=False, flag_value=True, default=None,
-                     help="Once the data are explained to their noise, variance-reduced refinement passes "
-                          "(default true; false = plain mini-batch passes throughout, every one taking the gain)."),
+        switch("--variance-reduction", "Once the data are explained to their noise, variance-reduced refinement "
+                                       "passes (default true; false = plain mini-batch passes throughout, every one "
+                                       "taking the gain)."),
         click.option("--misfit-step-gain", default=None, type=float,
                      help="Object steps this many times larger while the data are misfit far above their noise "
                           "and the fit still falls (default 3; 1 = none; docs/benchmarks.md)."),

@@ -326,10 +326,12 @@ def refine_joint(obj: torch.Tensor, scan: ScanData, probe: torch.Tensor, steps: 
     history: list[float] = []
     joint = refine_probe or refine_positions or refine_intensity
     n_batches = -(-M // batch_size)
-    reduce = (variance_reduction and not joint and n_batches > 1
-              and n_batches * obj.numel() * obj.element_size() <= VARIANCE_REDUCTION_MAX_BYTES and counts_like(scan))
+    # Both switches judge the fit against the Poisson noise: the object alone, photon counts (read once).
+    judged = (variance_reduction or misfit_step_gain != 1.0) and not joint and counts_like(scan)
+    reduce = (judged and variance_reduction and n_batches > 1
+              and n_batches * obj.numel() * obj.element_size() <= VARIANCE_REDUCTION_MAX_BYTES)
     reduced_from = None
-    boosted = misfit_step_gain != 1.0 and not joint and counts_like(scan)
+    boosted = judged and misfit_step_gain != 1.0
     fits: list[float] = []  # the sample's fit before each pass, while a switch waits on it
     if reduce or boosted:  # what judges the fit
         sample = np.linspace(0, M - 1, min(M, VARIANCE_REDUCTION_SAMPLE)).astype(np.int64)
