@@ -18,8 +18,8 @@ model's output, its learned stages included; for models with them, also the
 generator alone and generator + 8 and + 30);
 network + K refinement passes and a flat start + K passes for K in
 ``--passes`` (default 0, 2, 5, 8, 10, 30); the default pipeline as
-``ptycho-ml reconstruct`` runs it (network + 30 passes with the automatic
-choice of what else to refine, timed whole); optionally pty-chi LSQ-ML
+``ptycho-ml reconstruct`` runs it (network + the default passes with the
+automatic choice of what else to refine, timed whole); optionally pty-chi LSQ-ML
 (``benchmarks/ptychi_baseline.py``, probe fixed, same data); SSIM, PSNR and
 FRC and wall time for each. It prints a table, writes ``suite.json`` and
 draws one passes-vs-SSIM plot per scan (``<scan>.png``) into ``--out``.
@@ -241,14 +241,14 @@ def evaluate_scan(model, spec: SuiteScan, path: Path, passes: tuple[int, ...], p
         result["generator"] = refine_curve(scan, probe, generator_start, generator_s,
                                            tuple(k for k in passes if k in (0, 8, 30)) or (0,),
                                            misfit_step_gain=curves_misfit_step_gain)
-    # The shipped pipeline as `ptycho-ml reconstruct` runs it: network + 30 passes with the automatic
-    # choice of what else to refine (refine_auto), timed as a whole.
+    # The shipped pipeline as `ptycho-ml reconstruct` runs it: network + the default passes with the
+    # automatic choice of what else to refine (refine_auto), timed as a whole.
     t0 = time.perf_counter()
-    shipped = reconstruct(model, scan, InferenceConfig(progress=False, threads=torch.get_num_threads(),
-                                                       **(pipeline or {})))
+    cfg = InferenceConfig(progress=False, threads=torch.get_num_threads(), **(pipeline or {}))
+    shipped = reconstruct(model, scan, cfg)
     m = metrics.evaluate_object(shipped.obj, scan.obj, scan.positions_px, scan.N, scan.probe)
     result["default"] = {"seconds": time.perf_counter() - t0, **{k: float(v) for k, v in m.items()},
-                         "auto_refinement": shipped.auto_refinement}
+                         "refine_steps": cfg.refine_steps, "auto_refinement": shipped.auto_refinement}
     if ptychi_epochs:
         obj, wall_s = run_ptychi(path, workdir / f"{spec.name}.ptychi.npz", ptychi_epochs, reuse_ptychi)
         m = metrics.evaluate_object(obj, scan.obj, scan.positions_px, scan.N, scan.probe)
@@ -299,7 +299,8 @@ def table(results: list[dict]) -> str:
             d = res["default"]
             auto = d.get("auto_refinement") or {}
             lines.append(f"{res['scan']['name']:32} {'default':8} {d['amplitude_ssim']:.3f}/{d['phase_ssim']:.3f}"
-                         f" in {d['seconds']:.1f} s (network + 30, auto: {auto.get('chosen', '-')})")
+                         f" in {d['seconds']:.1f} s (network + {d.get('refine_steps', '?')} passes, object alone "
+                         f"{auto.get('object_passes', '-')}, auto: {auto.get('chosen', '-')})")
         if "ptychi" in res:
             p = res["ptychi"]
             ratio = f", default/pty-chi time {res['default']['seconds'] / p['seconds']:.3f}" if "default" in res else ""

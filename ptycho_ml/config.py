@@ -333,7 +333,7 @@ class InferenceConfig(ConfigBase):
     """Reconstruction settings shared by the batch CLI and the pyfunc model."""
 
     batch_size: int = 256
-    refine_steps: int = 30
+    refine_steps: int = 45
     refine_method: Literal["object", "finetune"] = "object"
     finetune_epochs: int = 3
     threads: int = 0

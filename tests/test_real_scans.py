@@ -29,8 +29,8 @@ from ptycho_ml.model.network import DiffractionToObject
 from ptycho_ml.physics import simulate
 from ptycho_ml.physics.forward import intensity_of
 from ptycho_ml.physics.refine import (CLEAR_WIN, CONVERGED_RATIO, FIT_RATIO_LIMIT, MISFIT_STEP_GAIN, MISFIT_STEP_RATIO,
-                                     PHASE_GAIN, deviance_ratio, initial_modes, orthogonalise_modes, refine_auto,
-                                     refine_joint, refine_object, wide_phase, wide_phase_filter)
+                                     NEAR_NOISE_FRACTION, PHASE_GAIN, deviance_ratio, initial_modes, orthogonalise_modes, refine_auto,
+                                     refine_joint, refine_object, still_falling, wide_phase, wide_phase_filter)
 from ptycho_ml.physics.scan_errors import simulate_with_errors
 from simdata import tiny_config
 from test_ptychodus import ptychodus_python, run_oracle  # noqa: F401  (the ptychodus venv fixture and oracle runner)
@@ -419,8 +419,56 @@ def test_auto_continues_an_object_between_the_noise_and_the_limit_without_trials
     assert CONVERGED_RATIO < report.fit_ratios["object"] <= FIT_RATIO_LIMIT, report.fit_ratios
     assert list(report.fit_ratios) == ["object", "object (continued)"]  # no trial of the probe or positions
     assert report.fit_ratios["object (continued)"] < CONVERGED_RATIO
-    assert report.chosen == "object" and report.object_passes == 90
-    assert torch.equal(result.obj, refine_joint(refine_joint(_flat(exact), scan, probe, 45).obj, scan, probe, 45).obj)
+    assert report.chosen == "object" and report.object_passes == 45 + 45 // NEAR_NOISE_FRACTION
+    first = refine_joint(_flat(exact), scan, probe, 45)
+    assert torch.equal(result.obj, refine_joint(first.obj, scan, probe, 45 // NEAR_NOISE_FRACTION).obj)
+
+
+def test_auto_continues_a_scan_still_falling_before_any_trial():
+    """Above the limit but the fit still falling: the object alone converges further first, and once that
+    explains the data no trial of the probe or positions runs (their cost saved)."""
+    exact = simulate.simulate_scan(tiny_config(step_px=3.0))  # 169 patterns: two mini-batches, so the fit is measured
+    scan, probe = _scan(exact), torch.from_numpy(exact.probe)
+    first = refine_joint(_flat(exact), scan, probe, 12, variance_reduction=True)
+    assert still_falling(first.sample_fits)  # measured: 5.7 -> 3.1 over the last passes
+    assert not still_falling(first.sample_fits[:8])  # too few passes measured to say
+    assert not still_falling(refine_joint(_flat(exact), scan, probe, 12).sample_fits)  # nothing measured: NaN
+    result, report = refine_auto(_flat(exact), scan, probe, 12, variance_reduction=True)
+    assert report.fit_ratios["object"] > FIT_RATIO_LIMIT, report  # measured 3.2: the trials would have run
+    assert list(report.fit_ratios) == ["object", "object (continued)"]  # ... and none did
+    assert report.fit_ratios["object (continued)"] <= FIT_RATIO_LIMIT
+    assert report.chosen == "object" and report.object_passes == 24 and len(result.sample_fits) == 24
+    continued = refine_joint(first.obj, scan, probe, 12, variance_reduction=True)
+    assert torch.equal(result.obj, continued.obj)  # 12 passes, then 12 more
+
+
+def test_auto_continues_a_stage_explained_only_in_its_last_passes():
+    """Explained to the noise, but variance-reduced for fewer than steps // NEAR_NOISE_FRACTION passes: the
+    object still converges there, so it continues for that many passes."""
+    exact = simulate.simulate_scan(tiny_config(step_px=3.0))
+    scan, probe = _scan(exact), torch.from_numpy(exact.probe)
+    first = refine_joint(_flat(exact), scan, probe, 20, variance_reduction=True)
+    assert 20 - first.variance_reduced_from < 20 // NEAR_NOISE_FRACTION  # measured: from pass 17
+    result, report = refine_auto(_flat(exact), scan, probe, 20, variance_reduction=True)
+    assert report.fit_ratios["object"] <= CONVERGED_RATIO, report  # explained: before, the stage stopped here
+    assert list(report.fit_ratios) == ["object", "object (continued)"] and report.object_passes == 26
+    assert torch.equal(result.obj, refine_joint(first.obj, scan, probe, 6, variance_reduction=True).obj)
+    # without the variance reduction nothing says how late the data were explained: the stage stops there
+    _, plain = refine_auto(_flat(exact), scan, probe, 20)
+    assert plain.fit_ratios["object"] <= CONVERGED_RATIO and list(plain.fit_ratios) == ["object"], plain
+
+
+@pytest.mark.parametrize("error, chosen", [(ScanErrorConfig(defocus_error=0.5), "probe+positions"),
+                                           (ScanErrorConfig(position_noise_px=1.0), "positions")])
+def test_auto_still_tries_the_probe_and_positions_when_the_fit_is_level(error, chosen):
+    """A wrong probe or wrong positions leave the object's misfit level: no continuation first, the trials run
+    and find the error as without the fall rule."""
+    sim = simulate_with_errors(tiny_config(step_px=3.0), error)
+    scan, probe = _scan(sim), torch.from_numpy(sim.probe)
+    assert not still_falling(refine_joint(_flat(sim), scan, probe, 20, variance_reduction=True).sample_fits)
+    _, report = refine_auto(_flat(sim), scan, probe, 20, variance_reduction=True)
+    assert "object (continued)" not in report.fit_ratios and report.chosen == chosen, report
+    assert report.fit_ratios[chosen] < 0.2 * report.fit_ratios["object"]
 
 
 def test_auto_refines_the_probe_of_a_scan_whose_probe_is_wrong(defocused):
@@ -491,6 +539,8 @@ def test_every_refinement_setting_has_the_same_name_on_the_cli_the_pyfunc_and_th
         assert (written if isinstance(expected, str) else float(written)) == expected, k
     assert {p.name: p.default for p in model_signature(32).params.params if p.name in REFINEMENT_FIELDS} == \
         {k: getattr(defaults, k) for k in REFINEMENT_FIELDS}
+    for entry in ("evaluate", "reconstruct"):  # the passes, too
+        assert float(mlproject["entry_points"][entry]["parameters"]["refine_steps"]["default"]) == defaults.refine_steps
 
 
 # ----------------------------------------------------------------------------- wide phase

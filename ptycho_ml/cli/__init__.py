@@ -300,7 +300,7 @@ def _given(settings: dict) -> dict:
 def _reconstruction_options(f):
     """The reconstruction flags, shared by ``reconstruct`` and ``batch``: their values make :func:`inference_config`."""
     for opt in reversed([
-        click.option("--refine-steps", default=None, type=int, help="Physics-consistent refinement passes (default 30; 0 = network only)."),
+        click.option("--refine-steps", default=None, type=int, help="Physics-consistent refinement passes (default 45; 0 = network only)."),
         click.option("--refine-method", type=click.Choice(["object", "finetune"]), default="object", show_default=True),
         _refinement_options,
         click.option("--batch-size", default=256, show_default=True, type=int),

@@ -6,7 +6,8 @@ import torch
 
 
 def poisson_nll(pred_amplitude: torch.Tensor, measured_amplitude: torch.Tensor,
-                mask: torch.Tensor | None = None, eps: float = 1e-6, reduction: str = "mean") -> torch.Tensor:
+                mask: torch.Tensor | None = None, eps: float = 1e-6, reduction: str = "mean",
+                counts_term: torch.Tensor | None = None) -> torch.Tensor:
     """Mean Poisson negative log-likelihood of measured counts given predicted counts.
 
     Both inputs are amplitudes ``(..., N, N)`` on the counts scale
@@ -16,13 +17,30 @@ def poisson_nll(pred_amplitude: torch.Tensor, measured_amplitude: torch.Tensor,
     good pixels (bad detector pixels excluded). ``eps`` (counts) keeps the
     log finite where nothing is predicted. ``reduction="sum"`` gives the total
     (what a solver's step sizes are calibrated for) instead of the mean.
+    ``counts_term``: :func:`count_term` of the measured counts, when the
+    caller made it once for many calls (it does not depend on the prediction).
     """
-    pred_counts = pred_amplitude.square()
-    counts = measured_amplitude.square()
-    per_pixel = pred_counts - counts * torch.log(pred_counts + eps) + torch.xlogy(counts, counts) - counts
+    per_pixel = poisson_deviance(pred_amplitude.square(), measured_amplitude.square(), eps, counts_term=counts_term)
     if reduction == "sum":
         return (per_pixel * mask).sum() if mask is not None else per_pixel.sum()
     return _masked_mean(per_pixel, mask)
+
+
+def count_term(counts: torch.Tensor) -> torch.Tensor:
+    """``k log k - k`` of counts ``(..., N, N)``: the part of :func:`poisson_deviance` that does not depend on the
+    prediction (it makes an exact prediction score 0). A refinement judging many predictions against the same
+    measured counts makes it once."""
+    return torch.xlogy(counts, counts) - counts
+
+
+def poisson_deviance(pred_counts: torch.Tensor, counts: torch.Tensor, eps: float = 1e-6,
+                     log_pred: torch.Tensor | None = None, counts_term: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-pixel Poisson deviance / 2 of ``counts`` given ``pred_counts`` (both ``(..., N, N)``, photon counts):
+    ``λ - k log(λ + eps) + k log k - k``, 0 where the prediction is exact. ``log_pred``, ``log(pred_counts + eps)``
+    when the caller has it already (several count sets judged against one prediction); ``counts_term``,
+    :func:`count_term` of ``counts`` when the caller has it already (one count set, many predictions)."""
+    log_pred = torch.log(pred_counts + eps) if log_pred is None else log_pred
+    return pred_counts - counts * log_pred + (count_term(counts) if counts_term is None else counts_term)
 
 
 def mae_amplitude(pred_amplitude: torch.Tensor, measured_amplitude: torch.Tensor,
