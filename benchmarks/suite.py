@@ -337,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--passes", default="0,2,5,8,10,30", help="refinement passes K to try")
     ap.add_argument("--phase-sync", action="store_true",
                     help="align the network patches' phase offsets before stitching (the ablation; off by default)")
+    ap.add_argument("--refine-steps", type=int, default=None,
+                    help="the default pipeline's --refine-steps (default: the shipped default)")
     ap.add_argument("--phase-gain", type=float, default=None,
                     help="the default pipeline's --phase-gain (default: the shipped default)")
     ap.add_argument("--variance-reduction", choices=("true", "false"), default=None,
@@ -371,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     model, _ = load_model_bundle(args.bundle)
     passes = tuple(int(k) for k in args.passes.split(","))
-    pipeline = {k: v for k, v in (("phase_gain", args.phase_gain),
+    pipeline = {k: v for k, v in (("refine_steps", args.refine_steps), ("phase_gain", args.phase_gain),
                                   ("variance_reduction", None if args.variance_reduction is None
                                    else args.variance_reduction == "true"),
                                   ("misfit_step_gain", args.misfit_step_gain)) if v is not None}
